@@ -1,0 +1,176 @@
+//! `Application`: builds the server from a `Config` (store, hub, router,
+//! listener), reports its address, and runs until told to stop, then shuts
+//! every task down within a bounded time.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, Secret};
+use crate::http::{AppState, Settings, router};
+use crate::metrics::{Connections, Metrics};
+use crate::net::Peer;
+use crate::store::{OpenError, Store};
+use crate::topic::Hub;
+
+/// How long shutdown waits for connections to say goodbye before it stops
+/// waiting. Each WebSocket needs at most its close grace; this is the bound
+/// for the whole set.
+const SHUTDOWN_BOUND: Duration = Duration::from_secs(5);
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The cause.
+        source: io::Error,
+    },
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] OpenError),
+    /// The store could not be read at start.
+    #[error("cannot load topics from the store: {0}")]
+    Load(#[from] sqlx::Error),
+}
+
+/// A built, not yet running, server.
+#[derive(Debug)]
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    local_addr: SocketAddr,
+    /// Set when no token was configured: the generated one, to show once.
+    generated_token: Option<Secret>,
+}
+
+impl Application {
+    /// Opens the store, loads every topic into the hub and binds the listener.
+    pub async fn build(config: &Config) -> Result<Self, StartError> {
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let store = Store::open_sqlite(&config.data_dir, &tasks, shutdown.clone()).await?;
+        let hub = Hub::new();
+        let loaded = store.load_all().await?;
+        let count = loaded.len();
+        for snapshot in loaded {
+            hub.apply(snapshot);
+        }
+        tracing::info!(topics = count, data_dir = %config.data_dir.display(), "store opened (SQLite, WAL, synchronous=FULL)");
+
+        let (publish_tokens, generated_token) = if config.publish_tokens.is_empty() {
+            let token = generate_token();
+            (vec![token.clone()], Some(token))
+        } else {
+            (config.publish_tokens.clone(), None)
+        };
+        let settings = Settings {
+            publish_tokens,
+            max_body: config.max_body,
+            write_timeout: config.write_timeout,
+            heartbeat: config.heartbeat,
+            socket_send_buffer: config.socket_send_buffer,
+        };
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        let state = AppState {
+            hub,
+            store,
+            settings: Arc::new(settings),
+            metrics: Arc::new(Metrics::default()),
+            connections: Arc::new(Connections::default()),
+            shutdown,
+            tasks,
+        };
+        Ok(Self { listener, state, local_addr, generated_token })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `stop` resolves, then shuts down: stops accepting, tells
+    /// every reader (close `1001` with a reconnect hint), finishes queued
+    /// commits, and returns within a bounded time.
+    pub async fn run_until_stopped(self, stop: impl Future<Output = ()> + Send + 'static) -> io::Result<()> {
+        let Self { listener, state, local_addr, generated_token } = self;
+        if let Some(token) = generated_token {
+            // Shown once, on the terminal, never in the logs.
+            eprintln!(
+                "\nNo --publish-token was given, so this run accepts a generated one:\n\n  {token}\n\n\
+                 Publish a state with:\n\n  curl -X PUT http://{local_addr}/v1/topics/demo \\\n    \
+                 -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' \\\n    \
+                 -d '{{\"home\":{{\"name\":\"Home\",\"score\":0}},\"away\":{{\"name\":\"Away\",\"score\":0}}}}'\n",
+                token = token.expose()
+            );
+        }
+        tracing::info!("listening on {local_addr}");
+        let shutdown = state.shutdown.clone();
+        let tasks = state.tasks.clone();
+        let trigger = shutdown.clone();
+        tokio::spawn(async move {
+            stop.await;
+            tracing::info!("shutting down");
+            trigger.cancel();
+        });
+        let app = router(state).into_make_service_with_connect_info::<Peer>();
+        let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        // axum's graceful shutdown waits for open requests but not for
+        // upgraded WebSockets; those watch the token and are tracked here.
+        let result = served.await;
+        tasks.close();
+        if tokio::time::timeout(SHUTDOWN_BOUND, tasks.wait()).await.is_err() {
+            tracing::warn!(remaining = tasks.len(), "shutdown bound reached; dropping what is left");
+        }
+        tracing::info!("stopped");
+        result
+    }
+}
+
+/// A random 32-hex-digit publish token.
+fn generate_token() -> Secret {
+    let mut bytes = [0u8; 16];
+    if getrandom::fill(&mut bytes).is_err() {
+        // Without an OS random source no safe token can be made; refuse
+        // every publish rather than accept a guessable token.
+        return Secret::new(String::from("\u{0}unusable"));
+    }
+    Secret::new(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = interrupt => {}
+        () = terminate => {}
+    }
+}

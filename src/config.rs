@@ -1,0 +1,188 @@
+//! Typed configuration: command-line flags with `SPILLWAY_*` environment
+//! equivalents, validated once into a `Config`. Secrets are wrapped so that
+//! `Debug` and logs never show them.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// A secret string (a token). Its `Debug` and `Display` print a placeholder.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself: call only where it is compared or deliberately shown.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(\"[redacted]\")")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s.len() < 8 {
+            return Err("a token must be at least 8 characters".into());
+        }
+        if !s.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("a token may only hold printable ASCII without spaces".into());
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// spillway: a live-state server. Every flag can also be set through the
+/// environment variable named beside it.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "spillway", version, about, long_about = None)]
+pub struct Config {
+    /// Address to listen on. Port 0 picks a free port; the log then says
+    /// `listening on ADDR`.
+    #[arg(long, env = "SPILLWAY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Directory holding the embedded SQLite database.
+    #[arg(long, env = "SPILLWAY_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// Bearer token accepted for publishing; repeat the flag (or separate with
+    /// commas in the environment) to accept several while rotating. When none
+    /// is given, one is generated and printed once at start.
+    #[arg(long = "publish-token", env = "SPILLWAY_PUBLISH_TOKEN", value_delimiter = ',', hide_env_values = true)]
+    pub publish_tokens: Vec<Secret>,
+
+    /// Largest accepted publish body, in bytes (suffixes KiB and MiB work).
+    #[arg(long, env = "SPILLWAY_MAX_BODY", default_value = "64KiB", value_parser = parse_bytes)]
+    pub max_body: usize,
+
+    /// A write to a reader's socket not finished after this long cuts the
+    /// reader off (after a short grace). Humantime: `10s`, `500ms`.
+    #[arg(long, env = "SPILLWAY_WRITE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub write_timeout: Duration,
+
+    /// Interval of heartbeat frames on idle connections and of WebSocket
+    /// pings; two unanswered pings close the connection.
+    #[arg(long, env = "SPILLWAY_HEARTBEAT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub heartbeat: Duration,
+
+    /// Send-buffer size requested for every subscription socket, in bytes.
+    /// Linux doubles it; the effective figure is what `ss -tm` shows as `tb`.
+    #[arg(long, env = "SPILLWAY_SOCKET_SEND_BUFFER", default_value = "16KiB", value_parser = parse_bytes)]
+    pub socket_send_buffer: usize,
+
+    /// Log format.
+    #[arg(long, env = "SPILLWAY_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// Bounds enforced by [`Config::validate`].
+pub mod limits {
+    use std::time::Duration;
+
+    /// The smallest heartbeat and write timeout (tests use short ones).
+    pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+    /// The largest publish body we allow configuring.
+    pub const MAX_BODY_CEILING: usize = 16 * 1024 * 1024;
+    /// The smallest useful socket send buffer.
+    pub const MIN_SEND_BUFFER: usize = 2048;
+}
+
+impl Config {
+    /// Parses flags and environment, then validates; exits with a usage
+    /// message on error, like every command-line tool.
+    pub fn from_args() -> Self {
+        let config = Self::parse();
+        if let Err(message) = config.validate() {
+            use clap::CommandFactory;
+            Self::command().error(clap::error::ErrorKind::ValueValidation, message).exit();
+        }
+        config
+    }
+
+    /// Checks the relations flags cannot express alone.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.heartbeat < limits::MIN_INTERVAL {
+            return Err(format!("--heartbeat must be at least {:?}", limits::MIN_INTERVAL));
+        }
+        if self.write_timeout < limits::MIN_INTERVAL {
+            return Err(format!("--write-timeout must be at least {:?}", limits::MIN_INTERVAL));
+        }
+        if self.max_body < 2 || self.max_body > limits::MAX_BODY_CEILING {
+            return Err(format!("--max-body must be between 2 bytes and {} bytes", limits::MAX_BODY_CEILING));
+        }
+        if self.socket_send_buffer < limits::MIN_SEND_BUFFER {
+            return Err(format!("--socket-send-buffer must be at least {} bytes", limits::MIN_SEND_BUFFER));
+        }
+        Ok(())
+    }
+}
+
+/// Parses `65536`, `64KiB`, `1MiB` (also `k`/`KB` meaning KiB).
+pub fn parse_bytes(raw: &str) -> Result<usize, String> {
+    let raw = raw.trim();
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (digits, unit) = raw.split_at(split);
+    let n: usize = digits.parse().map_err(|_| format!("not a size: {raw:?}"))?;
+    let factor = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        "m" | "mb" | "mib" => 1024 * 1024,
+        other => return Err(format!("unknown size unit {other:?} (use B, KiB or MiB)")),
+    };
+    n.checked_mul(factor).ok_or_else(|| format!("size too large: {raw:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_bytes("65536"), Ok(65536));
+        assert_eq!(parse_bytes("64KiB"), Ok(65536));
+        assert_eq!(parse_bytes("1MiB"), Ok(1 << 20));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("1GiB").is_err());
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let s: Secret = "super-secret-token".parse().expect("valid");
+        assert!(!format!("{s:?}").contains("super"));
+        assert!("short".parse::<Secret>().is_err());
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let c = Config::parse_from(["spillway"]);
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.max_body, 64 * 1024);
+        assert_eq!(c.write_timeout, Duration::from_secs(10));
+        let bad = Config::parse_from(["spillway", "--heartbeat", "1ms"]);
+        assert!(bad.validate().is_err());
+    }
+}

@@ -1,0 +1,128 @@
+//! `ApiError`: every way a request can fail, mapped to a status and a JSON
+//! body in one place. Clients never see internal error text; the cause is
+//! logged where it happens.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::protocol::jittered_ms;
+use crate::topic::Position;
+
+/// A failed request. The body is always `{"error": CODE, "message": TEXT}`.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Malformed input (bad topic name, not JSON, not an object, bad `since`).
+    #[error("{message}")]
+    BadRequest {
+        /// A stable machine-readable code.
+        code: &'static str,
+        /// What was wrong, for a person.
+        message: String,
+    },
+    /// Missing or wrong bearer token.
+    #[error("a valid bearer token is required")]
+    Unauthorized,
+    /// The body's content type is not the one this method takes.
+    #[error("Content-Type must be {expected}")]
+    UnsupportedMediaType {
+        /// The type the method takes.
+        expected: &'static str,
+    },
+    /// The body is larger than `--max-body`.
+    #[error("body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge {
+        /// The limit in force.
+        limit: usize,
+    },
+    /// No such topic (or it was deleted), or no such route.
+    #[error("{0}")]
+    NotFound(&'static str),
+    /// The method is not allowed on this path.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// `If-Match` did not hold.
+    #[error("the topic is not at the version named by If-Match")]
+    PreconditionFailed {
+        /// Where the topic stands.
+        current: Option<Position>,
+    },
+    /// A WebSocket endpoint was called without an upgrade.
+    #[error("this endpoint takes a WebSocket upgrade")]
+    UpgradeRequired,
+    /// The store cannot commit right now; retry after the hint.
+    #[error("the store is unavailable; retry later")]
+    Unavailable,
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
+            Self::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
+            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            Self::BadRequest { code, .. } => code,
+            Self::Unauthorized => "unauthorized",
+            Self::UnsupportedMediaType { .. } => "unsupported_media_type",
+            Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::NotFound(_) => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::PreconditionFailed { .. } => "precondition_failed",
+            Self::UpgradeRequired => "upgrade_required",
+            Self::Unavailable => "unavailable",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "error": self.code(), "message": self.to_string() });
+        let mut retry_after = None;
+        match &self {
+            Self::PreconditionFailed { current } => {
+                body["current"] = current.map_or(serde_json::Value::Null, |p| json!(p.to_string()));
+            }
+            Self::Unavailable => {
+                let ms = jittered_ms(1000, 2000);
+                body["retry_after_ms"] = json!(ms);
+                retry_after = Some(ms.div_ceil(1000));
+            }
+            _ => {}
+        }
+        let mut response = (self.status(), Json(body)).into_response();
+        let headers = response.headers_mut();
+        if matches!(self, Self::Unauthorized) {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if matches!(self, Self::UpgradeRequired) {
+            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        }
+        if let Some(secs) = retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response
+    }
+}
+
+/// The fallback for unknown paths.
+pub(super) async fn not_found() -> ApiError {
+    ApiError::NotFound("no such endpoint")
+}
+
+/// The fallback for a known path with the wrong method.
+pub(super) async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}

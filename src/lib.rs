@@ -1,0 +1,15 @@
+//! spillway: a live-state server. Publishers push the current state of a
+//! topic; readers get the newest state, and a reader who cannot keep up costs
+//! the server one pointer. `ARCHITECTURE.md` is the map of this crate.
+
+pub mod app;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod net;
+pub mod protocol;
+pub mod store;
+pub mod telemetry;
+pub mod topic;
+
+pub use app::Application;

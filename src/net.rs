@@ -1,0 +1,85 @@
+//! Operating-system knobs: the open-files limit and per-socket options. The
+//! only module allowed `unsafe` (two libc calls), each call commented.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+
+use axum::extract::connect_info::Connected;
+use axum::serve::IncomingStream;
+use tokio::net::TcpListener;
+
+/// The open-files limits before and after raising the soft one.
+#[derive(Debug, Clone, Copy)]
+pub struct FileLimits {
+    /// The soft limit found at start.
+    pub soft_before: u64,
+    /// The soft limit now.
+    pub soft: u64,
+    /// The hard limit (the ceiling; cannot be raised without privilege).
+    pub hard: u64,
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit: every reader is a
+/// socket, and the default soft limit (often 1024) would cap a hub early.
+pub fn raise_open_files_limit() -> io::Result<FileLimits> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `lim` is a valid, writable `rlimit` for the duration of the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let soft_before = lim.rlim_cur;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: `lim` is a valid `rlimit` read from the kernel just above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(FileLimits { soft_before, soft: lim.rlim_cur, hard: lim.rlim_max })
+}
+
+/// Sets `SO_SNDBUF` on a connected socket. Setting it disables the kernel's
+/// send-buffer autotuning for that socket, which is the point: a reader that
+/// stops reading can pin at most this much (Linux doubles the figure for its
+/// own bookkeeping).
+pub fn set_send_buffer(fd: RawFd, bytes: usize) -> io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `value` outlives the call and the length passed is its size;
+    // `fd` is a socket owned by the connection serving the current request,
+    // which stays open at least until this handler returns.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&raw const value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// What a handler knows about the TCP connection it is serving: the peer's
+/// address, and the socket, so a request that becomes a subscription can clamp
+/// its send buffer (ordinary requests keep the kernel's defaults).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    /// The remote address.
+    pub addr: SocketAddr,
+    /// The connection's socket. Valid while the request is being served.
+    pub fd: RawFd,
+}
+
+impl Connected<IncomingStream<'_, TcpListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
+        // This runs once per accepted connection, before any request on it:
+        // the one place axum lets us touch the socket. Readers receive many
+        // small frames, so Nagle's delay would only add latency.
+        if let Err(error) = stream.io().set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY");
+        }
+        Self { addr: *stream.remote_addr(), fd: stream.io().as_raw_fd() }
+    }
+}

@@ -1,0 +1,303 @@
+//! The durable store: assigns versions and acknowledges a write only after it
+//! is committed. Concurrent writes share commits (group commit): one task
+//! drains the queue of pending writes into one transaction per fsync.
+
+mod sqlite;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{Map, Value};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::topic::{Epoch, Position, Snapshot, TopicName};
+
+/// The most writes one commit takes. Larger batches amortise the fsync
+/// further but hold the first writer's answer back longer.
+pub const MAX_BATCH: usize = 256;
+
+/// How many writes may wait for the committer before publishers are made to
+/// wait for room (back-pressure instead of an unbounded queue).
+const QUEUE_DEPTH: usize = 4096;
+
+/// What a write does to a topic's state.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// Replace the state with this object.
+    Put(Map<String, Value>),
+    /// Apply this RFC 7396 merge patch to the stored object.
+    Patch(Map<String, Value>),
+    /// End the topic (a tombstone keeps its version).
+    Delete,
+}
+
+/// A condition on the stored row, checked inside the committing transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precondition {
+    /// `If-Match: *`: the topic must exist.
+    Exists,
+    /// `If-Match: "EPOCH:VERSION"`: the topic must be at exactly this version.
+    At(Position),
+}
+
+/// One write request.
+#[derive(Debug, Clone)]
+pub struct Write {
+    /// The topic written.
+    pub topic: TopicName,
+    /// What to do to it.
+    pub change: Change,
+    /// An optional condition on the current row.
+    pub precondition: Option<Precondition>,
+}
+
+/// Why a write was not applied. Nothing was changed in any of these cases.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// `PATCH` or `DELETE` on a topic that does not exist (or was deleted).
+    #[error("topic does not exist")]
+    NotFound,
+    /// `If-Match` did not hold; `current` is where the topic stands.
+    #[error("precondition failed")]
+    PreconditionFailed {
+        /// The topic's live position, if it has one.
+        current: Option<Position>,
+    },
+    /// The store could not commit; the cause is logged, not shown.
+    #[error("store unavailable")]
+    Unavailable,
+}
+
+/// The committed outcome of a write, as a core snapshot ready for the hub.
+pub type WriteResult = Result<Snapshot, WriteError>;
+
+/// Counters about commits, read by `/metrics`.
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    /// Commits by batch size: bucket `i` counts batches of at most `2^i`
+    /// writes (the last bucket takes the rest).
+    pub batch_buckets: [AtomicU64; 10],
+    /// Writes committed (including rejected ones evaluated in a commit).
+    pub writes: AtomicU64,
+    /// Transactions committed.
+    pub commits: AtomicU64,
+    /// Commits that failed.
+    pub errors: AtomicU64,
+}
+
+impl StoreStats {
+    fn record_batch(&self, size: usize) {
+        let bucket = (usize::BITS - size.saturating_sub(1).leading_zeros()) as usize;
+        let bucket = bucket.min(self.batch_buckets.len() - 1);
+        self.batch_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.writes.fetch_add(size as u64, Ordering::Relaxed);
+        self.commits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The upper bound of bucket `i` (inclusive), or `None` for the last one.
+    pub fn bucket_bound(&self, i: usize) -> Option<u64> {
+        (i + 1 < self.batch_buckets.len()).then(|| 1u64 << i)
+    }
+}
+
+/// A write waiting for its commit.
+struct Job {
+    write: Write,
+    reply: oneshot::Sender<WriteResult>,
+}
+
+/// The store's handle. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    /// The queue into the committer task; bounded, so a flood of publishes
+    /// waits here instead of growing memory.
+    jobs: mpsc::Sender<Job>,
+    /// The database, for reads outside the committer (start-up load).
+    db: sqlite::Db,
+    /// Commit counters.
+    stats: Arc<StoreStats>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job").field("write", &self.write).finish_non_exhaustive()
+    }
+}
+
+/// Why the store could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open the store: {0}")]
+pub struct OpenError(#[from] sqlx::Error);
+
+impl Store {
+    /// Opens (creating if needed) the SQLite database in `data_dir`, runs the
+    /// migrations and starts the committer on `tasks`; it stops when
+    /// `shutdown` fires, after answering what it already took.
+    pub async fn open_sqlite(
+        data_dir: &Path,
+        tasks: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Result<Self, OpenError> {
+        let db = sqlite::Db::open(data_dir).await?;
+        let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
+        let stats = Arc::new(StoreStats::default());
+        tasks.spawn(commit_loop(db.clone(), rx, Arc::clone(&stats), shutdown));
+        Ok(Self { jobs, db, stats })
+    }
+
+    /// Commits `write` and returns the new version. Resolves only after the
+    /// commit is durable (or failed).
+    pub async fn write(&self, write: Write) -> WriteResult {
+        let (reply, answer) = oneshot::channel();
+        if self.jobs.send(Job { write, reply }).await.is_err() {
+            return Err(WriteError::Unavailable);
+        }
+        answer.await.unwrap_or(Err(WriteError::Unavailable))
+    }
+
+    /// Every topic's newest row (live or tombstone), for warming the hub.
+    pub async fn load_all(&self) -> Result<Vec<Snapshot>, sqlx::Error> {
+        self.db.load_all().await
+    }
+
+    /// Commit counters.
+    pub fn stats(&self) -> &Arc<StoreStats> {
+        &self.stats
+    }
+}
+
+/// Takes writes off the queue in batches, one transaction per batch.
+async fn commit_loop(db: sqlite::Db, mut rx: mpsc::Receiver<Job>, stats: Arc<StoreStats>, shutdown: CancellationToken) {
+    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let first = tokio::select! {
+            job = rx.recv() => job,
+            () = shutdown.cancelled() => { rx.close(); rx.recv().await }
+        };
+        let Some(first) = first else { break };
+        batch.push(first);
+        // Whatever queued up while the previous commit was syncing rides
+        // along in this one: that is the group commit.
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let now_ms = now_ms();
+        let writes: Vec<&Write> = batch.iter().map(|j| &j.write).collect();
+        match db.commit(&writes, now_ms).await {
+            Ok(results) => {
+                stats.record_batch(batch.len());
+                for (job, result) in batch.drain(..).zip(results) {
+                    let _ = job.reply.send(result);
+                }
+            }
+            Err(error) => {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%error, writes = batch.len(), "commit failed; nothing in it was acknowledged");
+                for job in batch.drain(..) {
+                    let _ = job.reply.send(Err(WriteError::Unavailable));
+                }
+            }
+        }
+    }
+    tracing::debug!("committer stopped");
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What a stored row says.
+#[derive(Debug, Clone)]
+struct Row {
+    epoch: Epoch,
+    version: u64,
+    /// The state as JSON text; `None` for a tombstone. Parsed only when a
+    /// merge patch needs it.
+    state: Option<String>,
+}
+
+/// Evaluates one write against the row as it stands inside the transaction.
+/// Returns the new row (epoch, version, state or `None` for a tombstone).
+fn evaluate(write: &Write, row: Option<&Row>) -> Result<Row, WriteError> {
+    let to_text = |state: &Map<String, Value>| {
+        serde_json::to_string(state).map_err(|error| {
+            tracing::error!(%error, "cannot serialise a state");
+            WriteError::Unavailable
+        })
+    };
+    let live = row.filter(|r| r.state.is_some());
+    match (write.precondition, live) {
+        (Some(Precondition::Exists), None) => return Err(WriteError::PreconditionFailed { current: None }),
+        (Some(Precondition::At(want)), current) => {
+            let current = current.map(|r| Position { epoch: r.epoch, version: r.version });
+            if current != Some(want) {
+                return Err(WriteError::PreconditionFailed { current });
+            }
+        }
+        _ => {}
+    }
+    let next_version = row.map_or(1, |r| r.version + 1);
+    match (&write.change, live) {
+        (Change::Put(state), Some(live)) => {
+            Ok(Row { epoch: live.epoch, version: next_version, state: Some(to_text(state)?) })
+        }
+        (Change::Put(state), None) => {
+            Ok(Row { epoch: new_epoch(), version: next_version, state: Some(to_text(state)?) })
+        }
+        (Change::Patch(patch), Some(live)) => {
+            let stored = live.state.as_deref().unwrap_or("{}");
+            let mut state: Value = serde_json::from_str(stored).map_err(|error| {
+                tracing::error!(%error, topic = %write.topic, "stored state is not JSON");
+                WriteError::Unavailable
+            })?;
+            apply_merge_patch(&mut state, patch);
+            let Value::Object(state) = state else {
+                // A merge patch that is an object always leaves an object.
+                return Err(WriteError::Unavailable);
+            };
+            Ok(Row { epoch: live.epoch, version: next_version, state: Some(to_text(&state)?) })
+        }
+        (Change::Delete, Some(live)) => Ok(Row { epoch: live.epoch, version: next_version, state: None }),
+        (Change::Patch(_) | Change::Delete, None) => Err(WriteError::NotFound),
+    }
+}
+
+/// Applies an RFC 7396 merge patch (an object) to `target`.
+pub fn apply_merge_patch(target: &mut Value, patch: &Map<String, Value>) {
+    if !target.is_object() {
+        *target = Value::Object(Map::new());
+    }
+    if let Value::Object(fields) = target {
+        for (key, value) in patch {
+            match value {
+                Value::Null => {
+                    fields.shift_remove(key);
+                }
+                Value::Object(inner) => apply_merge_patch(fields.entry(key.clone()).or_insert(Value::Null), inner),
+                other => {
+                    fields.insert(key.clone(), other.clone());
+                }
+            }
+        }
+    }
+}
+
+/// A fresh random epoch for a newly created topic.
+fn new_epoch() -> Epoch {
+    // The OS random source failing is not something a publish can recover
+    // from; fall back to time so creation still gets a distinct epoch.
+    let raw = getrandom::u64()
+        .unwrap_or_else(|_| SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
+    Epoch::from_u64(raw)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,368 @@
+//! `Hub` and `Topic`: the newest snapshot of every topic in an `ArcSwap` slot,
+//! and `Follower`, the per-reader cursor that turns "something changed" into
+//! "send this one newest version".
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use arc_swap::ArcSwapOption;
+use tokio::sync::Notify;
+
+use super::{Position, Snapshot, TopicName};
+
+/// One topic: its newest version and the readers waiting for the next one.
+#[derive(Debug)]
+pub struct Topic {
+    /// The topic's name, kept here so a follower can report it.
+    name: TopicName,
+    /// The newest version this hub knows, or `None` before the topic's first
+    /// version arrives. An `ArcSwap` so that readers load it without a lock
+    /// and a writer replaces it without waiting for them.
+    slot: ArcSwapOption<Snapshot>,
+    /// Wakes every waiting follower after the slot changes. Followers arm
+    /// their `Notified` before they look at the slot, so no change is missed.
+    changed: Notify,
+}
+
+impl Topic {
+    fn new(name: TopicName) -> Self {
+        Self { name, slot: ArcSwapOption::empty(), changed: Notify::new() }
+    }
+
+    /// The topic's name.
+    pub fn name(&self) -> &TopicName {
+        &self.name
+    }
+
+    /// The newest version (live or tombstone), if any.
+    pub fn current(&self) -> Option<Arc<Snapshot>> {
+        self.slot.load_full()
+    }
+
+    /// The newest version if the topic is live.
+    pub fn live(&self) -> Option<Arc<Snapshot>> {
+        self.current().filter(|s| !s.deleted)
+    }
+
+    /// Installs `snapshot` if it is newer than what the slot holds; returns
+    /// whether it did. Versions never go backwards here, whatever order
+    /// writers (HTTP handlers, the bus, a resync) arrive in.
+    fn apply(&self, snapshot: Arc<Snapshot>) -> bool {
+        let mut current = self.slot.load();
+        loop {
+            if current.as_ref().is_some_and(|c| c.version >= snapshot.version) {
+                return false;
+            }
+            let previous = self.slot.compare_and_swap(&*current, Some(Arc::clone(&snapshot)));
+            let won = match (&*previous, &*current) {
+                (Some(p), Some(c)) => Arc::ptr_eq(p, c),
+                (None, None) => true,
+                _ => false,
+            };
+            if won {
+                break;
+            }
+            current = previous;
+        }
+        self.changed.notify_waiters();
+        true
+    }
+}
+
+/// All topics this hub knows, by name. Cheap to clone.
+///
+/// The map sits behind a `std` `RwLock` because every access is a short
+/// lookup or insert that never awaits; the hot path (readers waiting for and
+/// loading versions) touches only a `Topic`, never the map.
+#[derive(Debug, Clone, Default)]
+pub struct Hub {
+    topics: Arc<RwLock<HashMap<TopicName, Arc<Topic>>>>,
+}
+
+impl Hub {
+    /// An empty hub.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The topic called `name`, if this hub has heard of it.
+    pub fn get(&self, name: &str) -> Option<Arc<Topic>> {
+        self.read().get(name).cloned()
+    }
+
+    /// The topic called `name`, created empty if needed so a reader can wait
+    /// for its first version.
+    fn get_or_insert(&self, name: &TopicName) -> Arc<Topic> {
+        if let Some(topic) = self.get(name.as_str()) {
+            return topic;
+        }
+        let mut topics = self.write();
+        Arc::clone(topics.entry(name.clone()).or_insert_with(|| Arc::new(Topic::new(name.clone()))))
+    }
+
+    /// Installs a committed version if it is newer than what the hub holds,
+    /// and wakes that topic's followers. Returns whether it was installed.
+    pub fn apply(&self, snapshot: Snapshot) -> bool {
+        let topic = self.get_or_insert(&snapshot.topic);
+        topic.apply(Arc::new(snapshot))
+    }
+
+    /// The newest live version of every topic, sorted by name.
+    pub fn live_topics(&self) -> Vec<Arc<Snapshot>> {
+        let mut out: Vec<_> = self.read().values().filter_map(|t| t.live()).collect();
+        out.sort_by(|a, b| a.topic.cmp(&b.topic));
+        out
+    }
+
+    /// How many topics hold a live version.
+    pub fn live_count(&self) -> usize {
+        self.read().values().filter(|t| t.live().is_some()).count()
+    }
+
+    /// A cursor for one reader of `name`, starting from what the reader says
+    /// it holds (`since`), or from nothing.
+    pub fn follow(&self, name: &TopicName, since: Option<Position>) -> Follower {
+        Follower { topic: self.get_or_insert(name), hub: self.clone(), held: since, last: None }
+    }
+
+    /// Forgets `topic` if it never had a version and nobody else follows it,
+    /// so readers waiting for names that never appear leave nothing behind.
+    fn release(&self, topic: &Arc<Topic>) {
+        if topic.slot.load().is_some() {
+            return;
+        }
+        let mut topics = self.write();
+        // Two references: the map's and the departing follower's. Holding the
+        // write lock, nobody can take a third from the map meanwhile.
+        if Arc::strong_count(topic) <= 2 && topic.slot.load().is_none() {
+            topics.remove(topic.name.as_str());
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<TopicName, Arc<Topic>>> {
+        // A panic while holding this lock cannot leave the map half-updated
+        // (each critical section is a single insert, remove or clone), so a
+        // poisoned lock is safe to keep using.
+        self.topics.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<TopicName, Arc<Topic>>> {
+        self.topics.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// What a follower should send next.
+#[derive(Debug)]
+pub enum Delivery {
+    /// A version newer than what the reader holds, and how many versions the
+    /// reader never received in between.
+    Snapshot {
+        /// The newest version.
+        snapshot: Arc<Snapshot>,
+        /// Versions the reader skipped since its previous one.
+        skipped: u64,
+    },
+    /// The incarnation the reader holds was deleted.
+    Deleted(Arc<Snapshot>),
+}
+
+/// One reader's cursor on one topic: the newest-state-not-a-queue rule.
+///
+/// It holds what the reader last received (one pointer) and nothing else, so
+/// a reader costs the same whatever the publish rate: a slow reader simply
+/// skips the versions that were replaced while it was busy.
+#[derive(Debug)]
+pub struct Follower {
+    /// The topic followed.
+    topic: Arc<Topic>,
+    /// The hub, to forget the topic entry when the last follower of a
+    /// never-created topic leaves.
+    hub: Hub,
+    /// What the reader holds: from `since` at first, then the last delivery.
+    held: Option<Position>,
+    /// The last version delivered, kept so a transport can build a delta
+    /// against it.
+    last: Option<Arc<Snapshot>>,
+}
+
+impl Follower {
+    /// The topic followed.
+    pub fn topic(&self) -> &Arc<Topic> {
+        &self.topic
+    }
+
+    /// What the reader holds now.
+    pub fn held(&self) -> Option<Position> {
+        self.held
+    }
+
+    /// The last version delivered to this reader.
+    pub fn last(&self) -> Option<&Arc<Snapshot>> {
+        self.last.as_ref()
+    }
+
+    /// The delivery due now, if any, and records it as held. Never returns an
+    /// older version than the reader holds within the same epoch.
+    pub fn take(&mut self) -> Option<Delivery> {
+        let current = self.topic.current()?;
+        let delivery = self.due(&current)?;
+        self.held = Some(current.position());
+        self.last = Some(current);
+        Some(delivery)
+    }
+
+    fn due(&self, current: &Arc<Snapshot>) -> Option<Delivery> {
+        let Some(held) = self.held else {
+            // A reader that holds nothing waits through a deletion for the
+            // topic to be created again.
+            return (!current.deleted).then(|| Delivery::Snapshot { snapshot: Arc::clone(current), skipped: 0 });
+        };
+        if current.version <= held.version && current.epoch == held.epoch {
+            return None;
+        }
+        if current.deleted {
+            // Only the incarnation the reader holds matters to it.
+            return (current.epoch == held.epoch).then(|| Delivery::Deleted(Arc::clone(current)));
+        }
+        // Versions keep rising across a delete and re-create, so the count
+        // is meaningful across epochs too; a rebuilt store (lower versions
+        // under a new epoch) counts as nothing skipped.
+        let skipped = current.version.saturating_sub(held.version.saturating_add(1));
+        Some(Delivery::Snapshot { snapshot: Arc::clone(current), skipped })
+    }
+
+    /// Waits until a delivery is due, then returns it.
+    pub async fn wait_next(&mut self) -> Delivery {
+        loop {
+            let topic = Arc::clone(&self.topic);
+            let notified = topic.changed.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Arm before looking, so a change between the look and the wait
+            // still wakes us.
+            notified.as_mut().enable();
+            if let Some(delivery) = self.take() {
+                return delivery;
+            }
+            notified.await;
+        }
+    }
+
+    /// Resolves when a delivery is due, without taking it. Cancel-safe, so a
+    /// transport can race it against its socket in `select!`.
+    pub async fn ready(&self) {
+        loop {
+            let notified = self.topic.changed.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if self.topic.current().is_some_and(|current| self.due(&current).is_some()) {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.hub.release(&self.topic);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::topic::Epoch;
+
+    fn name(s: &str) -> TopicName {
+        TopicName::parse(s).expect("valid")
+    }
+
+    fn live(topic: &str, epoch: u64, version: u64) -> Snapshot {
+        Snapshot::live(name(topic), Epoch::from_u64(epoch), version, 0, Bytes::from_static(b"{}"))
+    }
+
+    #[test]
+    fn versions_never_go_backwards() {
+        let hub = Hub::new();
+        assert!(hub.apply(live("t", 1, 5)));
+        assert!(!hub.apply(live("t", 1, 4)));
+        assert!(!hub.apply(live("t", 1, 5)));
+        assert_eq!(hub.get("t").and_then(|t| t.current()).map(|s| s.version), Some(5));
+    }
+
+    #[test]
+    fn a_slow_follower_skips_to_the_newest() {
+        let hub = Hub::new();
+        let mut f = hub.follow(&name("t"), None);
+        assert!(f.take().is_none(), "nothing before the first version");
+        hub.apply(live("t", 1, 1));
+        match f.take() {
+            Some(Delivery::Snapshot { snapshot, skipped }) => assert_eq!((snapshot.version, skipped), (1, 0)),
+            other => panic!("{other:?}"),
+        }
+        for v in 2..=100 {
+            hub.apply(live("t", 1, v));
+        }
+        match f.take() {
+            Some(Delivery::Snapshot { snapshot, skipped }) => assert_eq!((snapshot.version, skipped), (100, 98)),
+            other => panic!("{other:?}"),
+        }
+        assert!(f.take().is_none(), "nothing is resent");
+    }
+
+    #[test]
+    fn since_suppresses_what_the_reader_has() {
+        let hub = Hub::new();
+        hub.apply(live("t", 7, 3));
+        let held = Position { epoch: Epoch::from_u64(7), version: 3 };
+        assert!(hub.follow(&name("t"), Some(held)).take().is_none());
+        let ahead = Position { epoch: Epoch::from_u64(7), version: 9 };
+        assert!(hub.follow(&name("t"), Some(ahead)).take().is_none(), "a lagging hub never sends older");
+        let other = Position { epoch: Epoch::from_u64(8), version: 9 };
+        assert!(matches!(hub.follow(&name("t"), Some(other)).take(), Some(Delivery::Snapshot { .. })));
+    }
+
+    #[test]
+    fn deletion_reaches_holders_and_new_readers_wait() {
+        let hub = Hub::new();
+        hub.apply(live("t", 1, 1));
+        let mut holder = hub.follow(&name("t"), None);
+        assert!(holder.take().is_some());
+        hub.apply(Snapshot::tombstone(name("t"), Epoch::from_u64(1), 2, 0));
+        assert!(matches!(holder.take(), Some(Delivery::Deleted(_))));
+        let mut newcomer = hub.follow(&name("t"), None);
+        assert!(newcomer.take().is_none());
+        hub.apply(live("t", 2, 3));
+        assert!(matches!(newcomer.take(), Some(Delivery::Snapshot { .. })));
+    }
+
+    #[test]
+    fn waiting_for_a_name_that_never_appears_leaves_nothing() {
+        let hub = Hub::new();
+        drop(hub.follow(&name("ghost"), None));
+        assert!(hub.get("ghost").is_none());
+        hub.apply(live("real", 1, 1));
+        drop(hub.follow(&name("real"), None));
+        assert!(hub.get("real").is_some());
+    }
+
+    #[tokio::test]
+    async fn a_waiting_follower_wakes_on_publish() {
+        let hub = Hub::new();
+        let mut f = hub.follow(&name("t"), None);
+        let publisher = {
+            let hub = hub.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                hub.apply(live("t", 1, 1));
+            })
+        };
+        let got = tokio::time::timeout(Duration::from_secs(5), f.wait_next()).await.expect("woke");
+        assert!(matches!(got, Delivery::Snapshot { .. }));
+        publisher.await.expect("publisher");
+    }
+}

@@ -1,0 +1,9 @@
+//! Black-box tests: the real `spillway` binary on port 0, real sockets, a
+//! temporary data directory per server. One test binary, one module per area.
+
+mod harness;
+
+mod durability;
+mod publish;
+mod readers;
+mod slow_readers;
