@@ -1,0 +1,3 @@
+//! spillway-bench: the load generator (work in progress).
+
+fn main() {}
