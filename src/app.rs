@@ -79,6 +79,11 @@ impl Application {
             write_timeout: config.write_timeout,
             heartbeat: config.heartbeat,
             socket_send_buffer: config.socket_send_buffer,
+            cache_max_age: config.cache_max_age,
+            max_wait: config.max_wait,
+            max_topics_per_connection: config.max_topics_per_connection,
+            allowed_origins: (!config.allow_origins.is_empty() && !config.allow_origins.iter().any(|o| o == "*"))
+                .then(|| config.allow_origins.iter().map(|o| o.trim_end_matches('/').to_string()).collect()),
         };
         let listener = TcpListener::bind(config.listen)
             .await

@@ -94,6 +94,25 @@ pub struct Config {
     #[arg(long, env = "SPILLWAY_SOCKET_SEND_BUFFER", default_value = "16KiB", value_parser = parse_bytes)]
     pub socket_send_buffer: usize,
 
+    /// `max-age` of snapshot responses, so a CDN in front absorbs polling;
+    /// `stale-while-revalidate` is set to the same value.
+    #[arg(long, env = "SPILLWAY_CACHE_MAX_AGE", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub cache_max_age: Duration,
+
+    /// Longest `wait=` a long-poll may ask for; longer requests are clamped.
+    #[arg(long, env = "SPILLWAY_MAX_WAIT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub max_wait: Duration,
+
+    /// Most topics one WebSocket or SSE connection may follow.
+    #[arg(long, env = "SPILLWAY_MAX_TOPICS_PER_CONNECTION", default_value_t = 64)]
+    pub max_topics_per_connection: usize,
+
+    /// Origins whose pages may read (CORS, SSE) and open WebSockets, e.g.
+    /// `https://example.com`; repeat or separate with commas. By default any
+    /// origin may read: scoreboards are public.
+    #[arg(long = "allow-origin", env = "SPILLWAY_ALLOW_ORIGIN", value_delimiter = ',')]
+    pub allow_origins: Vec<String>,
+
     /// Log format.
     #[arg(long, env = "SPILLWAY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -109,6 +128,8 @@ pub mod limits {
     pub const MAX_BODY_CEILING: usize = 16 * 1024 * 1024;
     /// The smallest useful socket send buffer.
     pub const MIN_SEND_BUFFER: usize = 2048;
+    /// The most topics per connection we allow configuring.
+    pub const MAX_TOPICS_PER_CONNECTION: usize = 1024;
 }
 
 impl Config {
@@ -134,11 +155,31 @@ impl Config {
         if self.max_body < 2 || self.max_body > limits::MAX_BODY_CEILING {
             return Err(format!("--max-body must be between 2 bytes and {} bytes", limits::MAX_BODY_CEILING));
         }
+        if self.max_topics_per_connection == 0 || self.max_topics_per_connection > limits::MAX_TOPICS_PER_CONNECTION {
+            return Err(format!(
+                "--max-topics-per-connection must be between 1 and {}",
+                limits::MAX_TOPICS_PER_CONNECTION
+            ));
+        }
+        if self.max_wait < Duration::from_secs(1) || self.max_wait > Duration::from_secs(300) {
+            return Err("--max-wait must be between 1s and 300s".into());
+        }
+        for origin in &self.allow_origins {
+            if origin != "*" && !valid_origin(origin) {
+                return Err(format!("--allow-origin {origin:?} is not an origin like https://example.com"));
+            }
+        }
         if self.socket_send_buffer < limits::MIN_SEND_BUFFER {
             return Err(format!("--socket-send-buffer must be at least {} bytes", limits::MIN_SEND_BUFFER));
         }
         Ok(())
     }
+}
+
+/// Whether `origin` looks like `scheme://host[:port]` with no path.
+fn valid_origin(origin: &str) -> bool {
+    let Some((scheme, rest)) = origin.split_once("://") else { return false };
+    matches!(scheme, "http" | "https") && !rest.is_empty() && !rest.contains(['/', ' ', '?', '#'])
 }
 
 /// Parses `65536`, `64KiB`, `1MiB` (also `k`/`KB` meaning KiB).
@@ -184,5 +225,9 @@ mod tests {
         assert_eq!(c.write_timeout, Duration::from_secs(10));
         let bad = Config::parse_from(["spillway", "--heartbeat", "1ms"]);
         assert!(bad.validate().is_err());
+        let bad = Config::parse_from(["spillway", "--allow-origin", "https://a.example/path"]);
+        assert!(bad.validate().is_err());
+        let good = Config::parse_from(["spillway", "--allow-origin", "https://a.example,http://localhost:3000"]);
+        assert_eq!(good.validate(), Ok(()));
     }
 }

@@ -50,12 +50,37 @@ impl Cutoff {
 /// Process-wide counters. Shared through `Arc`; every field is a relaxed
 /// atomic because each is an independent tally and no reader needs them to
 /// agree with one another at an instant.
+/// The ways a reader connects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Transport {
+    /// WebSocket.
+    Ws = 0,
+    /// Server-Sent Events.
+    Sse = 1,
+    /// A waiting long-poll.
+    LongPoll = 2,
+}
+
+impl Transport {
+    const ALL: [Transport; 3] = [Transport::Ws, Transport::Sse, Transport::LongPoll];
+
+    /// The label used in metrics and the connection list.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Transport::Ws => "ws",
+            Transport::Sse => "sse",
+            Transport::LongPoll => "long_poll",
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Metrics {
-    /// WebSocket connections open now.
-    pub ws_open: AtomicU64,
-    /// WebSocket connections accepted since start.
-    pub ws_accepted: AtomicU64,
+    /// Reader connections open now, by transport.
+    open: [AtomicU64; 3],
+    /// Reader connections accepted since start, by transport.
+    accepted: [AtomicU64; 3],
     /// Cut-offs by reason, indexed by `Cutoff`.
     cutoffs: [AtomicU64; 6],
     /// State frames (snapshot, deleted) written to readers.
@@ -76,6 +101,18 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Counts a reader connection opening; the guard counts its closing.
+    pub fn open(self: &Arc<Self>, transport: Transport) -> OpenGuard {
+        self.open[transport as usize].fetch_add(1, Ordering::Relaxed);
+        self.accepted[transport as usize].fetch_add(1, Ordering::Relaxed);
+        OpenGuard { metrics: Arc::clone(self), transport }
+    }
+
+    /// Reader connections open now on `transport`.
+    pub fn open_now(&self, transport: Transport) -> u64 {
+        self.open[transport as usize].load(Ordering::Relaxed)
+    }
+
     /// Counts a cut-off.
     pub fn cutoff(&self, why: Cutoff) {
         self.cutoffs[why as usize].fetch_add(1, Ordering::Relaxed);
@@ -95,20 +132,15 @@ impl Metrics {
     pub fn render(&self, hub: &Hub, store: &StoreStats, connections: &Connections) -> String {
         let mut out = String::with_capacity(4096);
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        gauge(
-            &mut out,
-            "spillway_connections",
-            "Reader connections open now.",
-            &[("transport", "ws")],
-            load(&self.ws_open),
-        );
-        counter(
-            &mut out,
-            "spillway_connections_accepted_total",
-            "Reader connections accepted.",
-            &[("transport", "ws")],
-            load(&self.ws_accepted),
-        );
+        for t in Transport::ALL {
+            let value = load(&self.open[t as usize]);
+            gauge(&mut out, "spillway_connections", "Reader connections open now.", &[("transport", t.label())], value);
+        }
+        for t in Transport::ALL {
+            let value = load(&self.accepted[t as usize]);
+            let help = "Reader connections accepted.";
+            counter(&mut out, "spillway_connections_accepted_total", help, &[("transport", t.label())], value);
+        }
         for why in Cutoff::ALL {
             counter(
                 &mut out,
@@ -215,6 +247,19 @@ fn counter(out: &mut String, name: &str, help: &str, labels: &[(&str, &str)], va
 fn gauge(out: &mut String, name: &str, help: &str, labels: &[(&str, &str)], value: u64) {
     header(out, name, help, "gauge");
     line(out, name, labels, value);
+}
+
+/// Counts a reader connection as open while it lives.
+#[derive(Debug)]
+pub struct OpenGuard {
+    metrics: Arc<Metrics>,
+    transport: Transport,
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.metrics.open[self.transport as usize].fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// One open reader connection's figures, for operators and tests.

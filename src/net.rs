@@ -61,6 +61,46 @@ pub fn set_send_buffer(fd: RawFd, bytes: usize) -> io::Result<()> {
     if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
+/// Sets `TCP_USER_TIMEOUT`: the kernel aborts the connection when sent data
+/// stays unacknowledged this long (zero-window probes included), which ends
+/// readers that vanished without a FIN even on transports without pings.
+pub fn set_user_timeout(fd: RawFd, timeout: std::time::Duration) -> io::Result<()> {
+    let value = libc::c_uint::try_from(timeout.as_millis()).unwrap_or(libc::c_uint::MAX);
+    // SAFETY: as in `set_send_buffer`: a live socket and a correctly sized value.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&raw const value).cast(),
+            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Bytes in the socket's send queue that the peer has not acknowledged yet
+/// (`SIOCOUTQ`). Streaming responses use it to hand hyper a new event only
+/// once the kernel has taken the previous ones.
+pub fn unacked_bytes(fd: RawFd) -> io::Result<usize> {
+    let mut value: libc::c_int = 0;
+    // SAFETY: `value` is a valid `int` the kernel writes into; `fd` is the
+    // socket of the response being streamed, open while the stream lives.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &raw mut value) };
+    if rc == 0 { Ok(usize::try_from(value).unwrap_or(0)) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Shuts a socket down in both directions, so that whoever holds it sees the
+/// connection end at its next read or write. Used to cut off a streaming
+/// reader whose socket has taken nothing for the write timeout.
+pub fn shutdown_socket(fd: RawFd) {
+    // SAFETY: shutting down a socket we are serving; a stale descriptor
+    // yields an error we ignore, never memory unsafety.
+    unsafe {
+        libc::shutdown(fd, libc::SHUT_RDWR);
+    }
+}
+
 /// What a handler knows about the TCP connection it is serving: the peer's
 /// address, and the socket, so a request that becomes a subscription can clamp
 /// its send buffer (ordinary requests keep the kernel's defaults).

@@ -48,6 +48,12 @@ pub enum ApiError {
         /// Where the topic stands.
         current: Option<Position>,
     },
+    /// A browser page from an origin not in `--allow-origin` tried to subscribe.
+    #[error("this origin may not subscribe")]
+    OriginNotAllowed,
+    /// The server is shutting down or draining; retry elsewhere after the hint.
+    #[error("the server is draining; reconnect after the hint")]
+    Draining,
     /// A WebSocket endpoint was called without an upgrade.
     #[error("this endpoint takes a WebSocket upgrade")]
     UpgradeRequired,
@@ -67,7 +73,8 @@ impl ApiError {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             Self::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
-            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::OriginNotAllowed => StatusCode::FORBIDDEN,
+            Self::Unavailable | Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -81,7 +88,9 @@ impl ApiError {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::PreconditionFailed { .. } => "precondition_failed",
             Self::UpgradeRequired => "upgrade_required",
+            Self::OriginNotAllowed => "origin_not_allowed",
             Self::Unavailable => "unavailable",
+            Self::Draining => "draining",
         }
     }
 }
@@ -94,7 +103,7 @@ impl IntoResponse for ApiError {
             Self::PreconditionFailed { current } => {
                 body["current"] = current.map_or(serde_json::Value::Null, |p| json!(p.to_string()));
             }
-            Self::Unavailable => {
+            Self::Unavailable | Self::Draining => {
                 let ms = jittered_ms(1000, 2000);
                 body["retry_after_ms"] = json!(ms);
                 retry_after = Some(ms.div_ceil(1000));

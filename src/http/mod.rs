@@ -1,10 +1,12 @@
 //! The HTTP surface: one `router(state)`, the shared application state, and
 //! the one error type every handler returns. Each submodule owns its routes.
 
+mod deliver;
 mod error;
 mod ops;
 mod publish;
 mod read;
+mod sse;
 mod ws;
 
 use std::sync::Arc;
@@ -36,6 +38,40 @@ pub struct Settings {
     pub heartbeat: Duration,
     /// `SO_SNDBUF` for subscription sockets.
     pub socket_send_buffer: usize,
+    /// `max-age` (and `stale-while-revalidate`) of snapshot responses.
+    pub cache_max_age: Duration,
+    /// Longest long-poll wait.
+    pub max_wait: Duration,
+    /// Most topics per connection.
+    pub max_topics_per_connection: usize,
+    /// Origins allowed to read and subscribe from a browser; `None` allows any.
+    pub allowed_origins: Option<Vec<String>>,
+}
+
+impl Settings {
+    /// Whether a request with these headers may subscribe: requests without
+    /// an `Origin` (servers, apps, curl) always may; browsers only from an
+    /// allowed origin.
+    pub fn origin_allowed(&self, headers: &axum::http::HeaderMap) -> bool {
+        let Some(allowed) = &self.allowed_origins else { return true };
+        let Some(origin) = headers.get(axum::http::header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+            return true;
+        };
+        allowed.iter().any(|a| a.eq_ignore_ascii_case(origin.trim_end_matches('/')))
+    }
+
+    /// Prepares the socket of a request that becomes a subscription: clamps
+    /// its send buffer (so the kernel cannot hoard stale states for a slow
+    /// reader) and bounds how long unacknowledged data may sit in it.
+    pub fn clamp_subscription_socket(&self, peer: &crate::net::Peer) {
+        if let Err(error) = crate::net::set_send_buffer(peer.fd, self.socket_send_buffer) {
+            tracing::warn!(%error, "cannot clamp the send buffer");
+        }
+        let user_timeout = self.write_timeout + Duration::from_secs(2);
+        if let Err(error) = crate::net::set_user_timeout(peer.fd, user_timeout) {
+            tracing::debug!(%error, "cannot set TCP_USER_TIMEOUT");
+        }
+    }
 }
 
 /// Everything a handler can reach. Cloning is cheap (handles and `Arc`s).
@@ -66,14 +102,36 @@ impl FromRef<AppState> for Hub {
 
 /// Builds the whole router.
 pub fn router(state: AppState) -> Router {
+    // Browsers may read snapshots and event streams cross-origin (partner
+    // widgets). The layer sits on the whole router because the read and
+    // publish routes share paths; it allows only GET and HEAD, so a browser
+    // page can never publish.
+    let cors = cors_layer(&state.settings);
     Router::new()
         .merge(publish::router())
         .merge(read::router())
+        .merge(sse::router())
         .merge(ws::router())
         .merge(ops::router())
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(cors)
         .with_state(state)
+}
+
+fn cors_layer(settings: &Settings) -> tower_http::cors::CorsLayer {
+    use axum::http::{HeaderName, HeaderValue, Method, header};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let origins = match &settings.allowed_origins {
+        None => AllowOrigin::any(),
+        Some(list) => AllowOrigin::list(list.iter().filter_map(|o| HeaderValue::from_str(o).ok())),
+    };
+    CorsLayer::new()
+        .allow_origin(origins)
+        .allow_methods([Method::GET, Method::HEAD])
+        .allow_headers([header::IF_NONE_MATCH, header::CACHE_CONTROL, HeaderName::from_static("last-event-id")])
+        .expose_headers([header::ETAG, header::RETRY_AFTER, header::CACHE_CONTROL])
+        .max_age(Duration::from_secs(600))
 }
 
 /// A topic name taken from the path and validated: handlers never see an
@@ -96,11 +154,70 @@ impl<S: Send + Sync> FromRequestParts<S> for TopicPath {
 
 /// The value of query parameter `key`, percent-decoded; the first if repeated.
 pub(crate) fn query_param(query: Option<&str>, key: &str) -> Option<String> {
-    let query = query?;
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (percent_decode(k).as_deref() == Some(key)).then(|| percent_decode(v)).flatten()
-    })
+    query_params(query, key).into_iter().next()
+}
+
+/// Every value of query parameter `key`, percent-decoded, in order.
+pub(crate) fn query_params(query: Option<&str>, key: &str) -> Vec<String> {
+    let Some(query) = query else { return Vec::new() };
+    query
+        .split('&')
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(k).as_deref() == Some(key)).then(|| percent_decode(v)).flatten()
+        })
+        .collect()
+}
+
+/// Parses `since=EPOCH:VERSION` from a query string.
+pub(crate) fn since_param(query: Option<&str>) -> Result<Option<crate::topic::Position>, ApiError> {
+    query_param(query, "since")
+        .map(|raw| raw.parse().map_err(|e| ApiError::BadRequest { code: "bad_since", message: format!("since: {e}") }))
+        .transpose()
+}
+
+/// Parses the topic list of a multi-topic subscription: `topic=NAME` or
+/// `topic=NAME@EPOCH:VERSION`, repeated.
+pub(crate) fn topic_list(
+    query: Option<&str>,
+    limit: usize,
+) -> Result<Vec<(TopicName, Option<crate::topic::Position>)>, ApiError> {
+    let raw = query_params(query, "topic");
+    if raw.len() > limit {
+        return Err(ApiError::BadRequest {
+            code: "too_many_topics",
+            message: format!("at most {limit} topics per connection"),
+        });
+    }
+    raw.iter()
+        .map(|entry| {
+            let (name, since) = match entry.split_once('@') {
+                Some((name, since)) => (name, Some(since)),
+                None => (entry.as_str(), None),
+            };
+            let name = TopicName::parse(name)
+                .map_err(|e| ApiError::BadRequest { code: "bad_topic", message: format!("{name:?}: {e}") })?;
+            let since = since
+                .map(|s| {
+                    s.parse()
+                        .map_err(|e| ApiError::BadRequest { code: "bad_since", message: format!("{name}@{s}: {e}") })
+                })
+                .transpose()?;
+            Ok((name, since))
+        })
+        .collect()
+}
+
+/// Whether the client asked for merge-patch deltas (`?delta=merge-patch`).
+pub(crate) fn wants_delta(query: Option<&str>) -> Result<bool, ApiError> {
+    match query_param(query, "delta").as_deref() {
+        None => Ok(false),
+        Some("merge-patch") => Ok(true),
+        Some(other) => Err(ApiError::BadRequest {
+            code: "bad_delta",
+            message: format!("delta={other:?} is not supported; use delta=merge-patch"),
+        }),
+    }
 }
 
 /// Decodes `%XX` escapes and `+` as space; `None` if the result is not UTF-8.

@@ -1,7 +1,8 @@
-//! The WebSocket transport for one topic: `GET /v1/topics/{topic}/ws`.
+//! The WebSocket transport: `GET /v1/topics/{topic}/ws` (one topic) and
+//! `GET /v1/ws?topic=…` (several, with `subscribe`/`unsubscribe` messages).
 //!
-//! Each connection runs one task and holds one `Follower` (a pointer to the
-//! last version it sent). The writer wakes on change, loads the newest
+//! Each connection runs one task and holds one `Subscription` (per topic, the
+//! position it last sent). The writer wakes on change, loads the newest
 //! version, hands one frame to the socket and waits until the socket has
 //! taken it before looking again: a slow reader skips versions instead of
 //! queueing them, and a reader that stops reading is cut off after the write
@@ -17,17 +18,19 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::extract::{ConnectInfo, RawQuery, State};
+use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::get;
 use bytes::Bytes;
 use futures_util::{Sink, Stream};
 use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep_until};
 
-use super::{ApiError, AppState, TopicPath, query_param};
-use crate::metrics::{ConnStats, Cutoff};
-use crate::net::{Peer, set_send_buffer};
-use crate::protocol::{self, HEARTBEAT, MAX_CLIENT_FRAME, close, close_reason, jittered_ms, ws_frame};
-use crate::topic::{Delivery, Follower, Position, Wire};
+use super::deliver::{Framing, frame};
+use super::{ApiError, AppState, TopicPath, since_param, topic_list, wants_delta};
+use crate::metrics::{ConnStats, Cutoff, Transport};
+use crate::net::Peer;
+use crate::protocol::{self, HEARTBEAT, MAX_CLIENT_FRAME, close, close_reason, jittered_ms};
+use crate::topic::{Position, SubscribeError, Subscription, TopicName};
 
 /// How long a close frame (or the last frame before it) may take to leave
 /// before the connection is simply dropped.
@@ -38,30 +41,62 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 const READ_BUFFER: usize = 4096;
 
 pub(super) fn router() -> Router<AppState> {
-    Router::new().route("/v1/topics/{topic}/ws", get(subscribe))
+    Router::new().route("/v1/topics/{topic}/ws", get(subscribe_one)).route("/v1/ws", get(subscribe_many))
 }
 
-async fn subscribe(
+async fn subscribe_one(
     State(app): State<AppState>,
     TopicPath(topic): TopicPath,
     RawQuery(query): RawQuery,
     ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    let since = match query_param(query.as_deref(), "since") {
-        Some(raw) => Some(
-            raw.parse::<Position>()
-                .map_err(|e| ApiError::BadRequest { code: "bad_since", message: format!("since: {e}") })?,
-        ),
-        None => None,
-    };
+    let since = since_param(query.as_deref())?;
+    let delta = wants_delta(query.as_deref())?;
     let upgrade = upgrade.map_err(|_| ApiError::UpgradeRequired)?;
+    let subscription = Subscription::single(app.hub.follow(&topic, since));
+    accept(app, peer, &headers, upgrade, subscription, Mode { delta, multi: false }, topic.to_string())
+}
+
+async fn subscribe_many(
+    State(app): State<AppState>,
+    RawQuery(query): RawQuery,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let topics = topic_list(query.as_deref(), app.settings.max_topics_per_connection)?;
+    let delta = wants_delta(query.as_deref())?;
+    let upgrade = upgrade.map_err(|_| ApiError::UpgradeRequired)?;
+    let mut subscription = Subscription::multi(app.settings.max_topics_per_connection);
+    let label = topics.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>().join(",");
+    for (name, since) in topics {
+        // The list was checked against the limit already.
+        let _ = subscription.add(app.hub.follow(&name, since));
+    }
+    accept(app, peer, &headers, upgrade, subscription, Mode { delta, multi: true }, label)
+}
+
+/// Checks the origin, clamps the socket and upgrades.
+fn accept(
+    app: AppState,
+    peer: Peer,
+    headers: &HeaderMap,
+    upgrade: WebSocketUpgrade,
+    subscription: Subscription,
+    mode: Mode,
+    label: String,
+) -> Result<Response, ApiError> {
+    if !app.settings.origin_allowed(headers) {
+        return Err(ApiError::OriginNotAllowed);
+    }
+    if app.shutdown.is_cancelled() {
+        return Err(ApiError::Draining);
+    }
     // This request becomes a subscription: from here on the socket only
     // carries states we can drop, so keep the kernel from hoarding them.
-    if let Err(error) = set_send_buffer(peer.fd, app.settings.socket_send_buffer) {
-        tracing::warn!(%error, "cannot clamp the send buffer");
-    }
-    let follower = app.hub.follow(&topic, since);
+    app.settings.clamp_subscription_socket(&peer);
     // Held by the task until it ends, so shutdown can wait for it.
     let tracked = app.tasks.token();
     Ok(upgrade
@@ -70,14 +105,33 @@ async fn subscribe(
         .max_message_size(MAX_CLIENT_FRAME)
         .max_frame_size(MAX_CLIENT_FRAME)
         .on_upgrade(move |socket| async move {
-            let guard = app.connections.register("ws", topic.to_string(), peer.addr);
-            app.metrics.ws_accepted.fetch_add(1, Ordering::Relaxed);
-            app.metrics.ws_open.fetch_add(1, Ordering::Relaxed);
-            let connection = Connection::new(&app, follower, Arc::clone(&guard.stats));
+            let guard = app.connections.register("ws", label, peer.addr);
+            let open = app.metrics.open(Transport::Ws);
+            let connection = Connection::new(&app, subscription, mode, Arc::clone(&guard.stats));
             connection.run(socket).await;
-            app.metrics.ws_open.fetch_sub(1, Ordering::Relaxed);
+            drop(open);
             drop(tracked);
         }))
+}
+
+/// What kind of connection this is.
+#[derive(Debug, Clone, Copy)]
+struct Mode {
+    /// `?delta=merge-patch`: send `patch` frames when the reader holds the base.
+    delta: bool,
+    /// `/v1/ws`: several topics, client messages manage them, a deleted topic
+    /// is dropped instead of closing the connection.
+    multi: bool,
+}
+
+/// A message a client may send on `/v1/ws`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+enum ClientMessage {
+    /// Follow a topic, from `since` if given.
+    Subscribe { topic: String, since: Option<String> },
+    /// Stop following a topic.
+    Unsubscribe { topic: String },
 }
 
 /// What happened on the socket.
@@ -100,7 +154,8 @@ struct Closing {
 /// every open socket.
 struct Connection<'a> {
     app: &'a AppState,
-    follower: Follower,
+    subscription: Subscription,
+    mode: Mode,
     stats: Arc<ConnStats>,
     /// This connection's reconnect hint, drawn once so that every close it
     /// sends says the same thing and connections cut off together spread out.
@@ -117,10 +172,11 @@ struct Connection<'a> {
 }
 
 impl<'a> Connection<'a> {
-    fn new(app: &'a AppState, follower: Follower, stats: Arc<ConnStats>) -> Self {
+    fn new(app: &'a AppState, subscription: Subscription, mode: Mode, stats: Arc<ConnStats>) -> Self {
         Self {
             app,
-            follower,
+            subscription,
+            mode,
             stats,
             retry_after_ms: jittered_ms(1000, 4000),
             in_flight_since: None,
@@ -184,7 +240,7 @@ impl<'a> Connection<'a> {
                     }
                     Io::Incoming(Some(Ok(message))) => self.on_message(&mut socket, message),
                 },
-                () = self.follower.ready(), if !in_flight && self.closing.is_none() => {
+                () = self.subscription.ready(), if !in_flight && self.closing.is_none() => {
                     self.deliver(&mut socket);
                 }
                 _ = ticks.tick(), if self.closing.is_none() => self.on_tick(&mut socket),
@@ -202,25 +258,18 @@ impl<'a> Connection<'a> {
         }
     }
 
-    /// Sends the newest version if one is due.
+    /// Sends the newest version of the next due topic, if any.
     fn deliver<S: Sink<Message, Error = axum::Error> + Unpin>(&mut self, socket: &mut S) {
-        match self.follower.take() {
-            Some(Delivery::Snapshot { snapshot, skipped }) => {
-                let bytes = snapshot.encoded(Wire::WsFrame, ws_frame).with_skipped(skipped);
-                self.stats.frames.fetch_add(1, Ordering::Relaxed);
-                self.stats.skipped.fetch_add(skipped, Ordering::Relaxed);
-                self.app.metrics.deliveries.fetch_add(1, Ordering::Relaxed);
-                self.app.metrics.skipped.fetch_add(skipped, Ordering::Relaxed);
-                self.send(socket, text(bytes), true);
-            }
-            Some(Delivery::Deleted(snapshot)) => {
-                let bytes = snapshot.encoded(Wire::WsFrame, ws_frame).bytes.clone();
-                self.app.metrics.deliveries.fetch_add(1, Ordering::Relaxed);
-                self.send(socket, text(bytes), true);
+        let Some(delivery) = self.subscription.take() else { return };
+        let framed = frame(self.app, &self.stats, &self.subscription, delivery, self.mode.delta, Framing::Ws);
+        self.send(socket, text(framed.bytes), true);
+        if let Some(topic) = framed.deleted {
+            if self.mode.multi {
+                self.subscription.remove(topic.as_str());
+            } else {
                 self.app.metrics.cutoff(Cutoff::Deleted);
                 self.close(socket, close::TOPIC_DELETED);
             }
-            None => {}
         }
     }
 
@@ -234,18 +283,62 @@ impl<'a> Connection<'a> {
                 self.in_flight_since.get_or_insert_with(Instant::now);
                 self.closing = Some(Closing { deadline: Instant::now() + CLOSE_GRACE });
             }
+            Message::Text(text) if self.mode.multi && self.closing.is_none() => self.on_client_message(socket, &text),
             Message::Text(_) | Message::Binary(_) => {
                 if self.closing.is_none() {
-                    self.app.metrics.cutoff(Cutoff::Policy);
                     let frame = protocol::error_frame(
                         "unexpected_message",
                         "this endpoint takes no client messages; subscribe through /v1/ws to manage topics",
                     );
-                    self.send(socket, text(frame), false);
-                    self.close(socket, close::POLICY);
+                    self.refuse(socket, frame);
                 }
             }
         }
+    }
+
+    /// Handles `subscribe` and `unsubscribe` on a multi-topic connection. A
+    /// well-formed message with a bad value gets an `error` frame and the
+    /// connection stays; anything else the protocol does not define closes it.
+    fn on_client_message<S: Sink<Message, Error = axum::Error> + Unpin>(&mut self, socket: &mut S, raw: &str) {
+        let message = match serde_json::from_str::<ClientMessage>(raw) {
+            Ok(message) => message,
+            Err(_) => {
+                let frame = protocol::error_frame(
+                    "unexpected_message",
+                    r#"expected {"type":"subscribe","topic":NAME,"since":"EPOCH:VERSION"} or {"type":"unsubscribe","topic":NAME}"#,
+                );
+                return self.refuse(socket, frame);
+            }
+        };
+        let error = match message {
+            ClientMessage::Subscribe { topic, since } => {
+                match (TopicName::parse(&topic), since.map(|s| s.parse::<Position>()).transpose()) {
+                    (Err(e), _) => Some(protocol::error_frame("bad_topic", &format!("{topic:?}: {e}"))),
+                    (_, Err(e)) => Some(protocol::error_frame("bad_since", &format!("{topic}: {e}"))),
+                    (Ok(name), Ok(since)) => match self.subscription.add(self.app.hub.follow(&name, since)) {
+                        Ok(()) => None,
+                        Err(SubscribeError::TooMany { limit }) => Some(protocol::error_frame(
+                            "too_many_topics",
+                            &format!("at most {limit} topics per connection; {topic} was not added"),
+                        )),
+                    },
+                }
+            }
+            ClientMessage::Unsubscribe { topic } => {
+                self.subscription.remove(&topic);
+                None
+            }
+        };
+        if let Some(frame) = error {
+            self.send(socket, text(frame), false);
+        }
+    }
+
+    /// Sends an `error` frame and closes for a protocol violation.
+    fn refuse<S: Sink<Message, Error = axum::Error> + Unpin>(&mut self, socket: &mut S, frame: Bytes) {
+        self.app.metrics.cutoff(Cutoff::Policy);
+        self.send(socket, text(frame), false);
+        self.close(socket, close::POLICY);
     }
 
     fn on_tick<S: Sink<Message, Error = axum::Error> + Unpin>(&mut self, socket: &mut S) {

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::protocol::delta::apply_merge_patch;
 use crate::topic::{Epoch, Position, Snapshot, TopicName};
 
 /// The most writes one commit takes. Larger batches amortise the fsync
@@ -267,26 +268,6 @@ fn evaluate(write: &Write, row: Option<&Row>) -> Result<Row, WriteError> {
         }
         (Change::Delete, Some(live)) => Ok(Row { epoch: live.epoch, version: next_version, state: None }),
         (Change::Patch(_) | Change::Delete, None) => Err(WriteError::NotFound),
-    }
-}
-
-/// Applies an RFC 7396 merge patch (an object) to `target`.
-pub fn apply_merge_patch(target: &mut Value, patch: &Map<String, Value>) {
-    if !target.is_object() {
-        *target = Value::Object(Map::new());
-    }
-    if let Value::Object(fields) = target {
-        for (key, value) in patch {
-            match value {
-                Value::Null => {
-                    fields.shift_remove(key);
-                }
-                Value::Object(inner) => apply_merge_patch(fields.entry(key.clone()).or_insert(Value::Null), inner),
-                other => {
-                    fields.insert(key.clone(), other.clone());
-                }
-            }
-        }
     }
 }
 

@@ -1,10 +1,9 @@
-//! Store tests: merge-patch semantics (property-tested against an independent
-//! implementation), version assignment, preconditions and group commit, all on
-//! a real SQLite file in a temporary directory.
+//! Store tests: version assignment, preconditions and group commit, all on a
+//! real SQLite file in a temporary directory. Merge-patch semantics are tested
+//! in `protocol::delta`.
 
 use std::sync::atomic::Ordering;
 
-use proptest::prelude::*;
 use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -15,62 +14,6 @@ fn obj(v: Value) -> Map<String, Value> {
     match v {
         Value::Object(m) => m,
         other => panic!("not an object: {other}"),
-    }
-}
-
-#[test]
-fn merge_patch_matches_the_rfc_examples() {
-    // RFC 7396, appendix A, for the cases whose target and patch are objects.
-    let cases = [
-        (json!({"a":"b"}), json!({"a":"c"}), json!({"a":"c"})),
-        (json!({"a":"b"}), json!({"b":"c"}), json!({"a":"b","b":"c"})),
-        (json!({"a":"b"}), json!({"a":null}), json!({})),
-        (json!({"a":"b","b":"c"}), json!({"a":null}), json!({"b":"c"})),
-        (json!({"a":["b"]}), json!({"a":"c"}), json!({"a":"c"})),
-        (json!({"a":"c"}), json!({"a":["b"]}), json!({"a":["b"]})),
-        (json!({"a":{"b":"c"}}), json!({"a":{"b":"d","c":null}}), json!({"a":{"b":"d"}})),
-        (json!({"a":[{"b":"c"}]}), json!({"a":[1]}), json!({"a":[1]})),
-        (json!({"e":null}), json!({"a":1}), json!({"e":null,"a":1})),
-        (json!({}), json!({"a":{"bb":{"ccc":null}}}), json!({"a":{"bb":{}}})),
-    ];
-    for (mut target, patch, want) in cases {
-        apply_merge_patch(&mut target, &obj(patch.clone()));
-        assert_eq!(target, want, "patch {patch}");
-    }
-}
-
-fn json_value() -> impl Strategy<Value = Value> {
-    let leaf = prop_oneof![
-        Just(Value::Null),
-        any::<bool>().prop_map(Value::Bool),
-        (-1000i64..1000).prop_map(|n| json!(n)),
-        "[a-c]{0,3}".prop_map(Value::String),
-    ];
-    leaf.prop_recursive(3, 24, 4, |inner| {
-        prop_oneof![
-            prop::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
-            prop::collection::btree_map("[a-d]", inner, 0..4).prop_map(|m| Value::Object(m.into_iter().collect())),
-        ]
-    })
-}
-
-fn json_object() -> impl Strategy<Value = Map<String, Value>> {
-    prop::collection::btree_map("[a-d]", json_value(), 0..5).prop_map(|m| m.into_iter().collect())
-}
-
-proptest! {
-    #[test]
-    fn merge_patch_agrees_with_an_independent_implementation(target in json_object(), patch in json_object()) {
-        let mut ours = Value::Object(target.clone());
-        apply_merge_patch(&mut ours, &patch);
-        let mut theirs = Value::Object(target);
-        json_patch::merge(&mut theirs, &Value::Object(patch.clone()));
-        prop_assert_eq!(&ours, &theirs);
-        // Applying the same patch again changes nothing (RFC 7396 patches
-        // are idempotent).
-        let mut again = ours.clone();
-        apply_merge_patch(&mut again, &patch);
-        prop_assert_eq!(again, ours);
     }
 }
 

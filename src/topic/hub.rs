@@ -3,7 +3,7 @@
 //! "send this one newest version".
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use arc_swap::ArcSwapOption;
 use tokio::sync::Notify;
@@ -19,14 +19,20 @@ pub struct Topic {
     /// version arrives. An `ArcSwap` so that readers load it without a lock
     /// and a writer replaces it without waiting for them.
     slot: ArcSwapOption<Snapshot>,
-    /// Wakes every waiting follower after the slot changes. Followers arm
-    /// their `Notified` before they look at the slot, so no change is missed.
+    /// Wakes every waiting single-topic follower after the slot changes.
+    /// Followers arm their `Notified` before they look at the slot, so no
+    /// change is missed.
     changed: Notify,
+    /// Multi-topic subscriptions following this topic: each has one `Notify`
+    /// of its own, poked with `notify_one` (which stores a permit, so a poke
+    /// that arrives before the subscription waits is not lost). A `std`
+    /// mutex: held only to walk or edit the list, never across an await.
+    listeners: Mutex<Vec<Weak<Notify>>>,
 }
 
 impl Topic {
     fn new(name: TopicName) -> Self {
-        Self { name, slot: ArcSwapOption::empty(), changed: Notify::new() }
+        Self { name, slot: ArcSwapOption::empty(), changed: Notify::new(), listeners: Mutex::new(Vec::new()) }
     }
 
     /// The topic's name.
@@ -47,13 +53,20 @@ impl Topic {
     /// Installs `snapshot` if it is newer than what the slot holds; returns
     /// whether it did. Versions never go backwards here, whatever order
     /// writers (HTTP handlers, the bus, a resync) arrive in.
-    fn apply(&self, snapshot: Arc<Snapshot>) -> bool {
+    fn apply(&self, mut snapshot: Snapshot) -> bool {
         let mut current = self.slot.load();
         loop {
             if current.as_ref().is_some_and(|c| c.version >= snapshot.version) {
                 return false;
             }
-            let previous = self.slot.compare_and_swap(&*current, Some(Arc::clone(&snapshot)));
+            // Remember the state this version replaces, so that a reader who
+            // holds it can be sent a delta instead of the whole state.
+            snapshot.base = current
+                .as_ref()
+                .filter(|c| !c.deleted && !snapshot.deleted && c.epoch == snapshot.epoch)
+                .map(|c| (c.position(), c.state.clone()));
+            let candidate = Arc::new(snapshot);
+            let previous = self.slot.compare_and_swap(&*current, Some(Arc::clone(&candidate)));
             let won = match (&*previous, &*current) {
                 (Some(p), Some(c)) => Arc::ptr_eq(p, c),
                 (None, None) => true,
@@ -63,9 +76,39 @@ impl Topic {
                 break;
             }
             current = previous;
+            // The swap failed, so the slot never saw `candidate`: ours again.
+            snapshot = Arc::into_inner(candidate).expect("an unpublished snapshot has one owner");
         }
         self.changed.notify_waiters();
+        self.lock_listeners().retain(|listener| match listener.upgrade() {
+            Some(signal) => {
+                signal.notify_one();
+                true
+            }
+            None => false,
+        });
         true
+    }
+
+    pub(super) fn lock_listeners(&self) -> std::sync::MutexGuard<'_, Vec<Weak<Notify>>> {
+        // Each critical section is a push, a retain or a scan: a panic cannot
+        // leave the list inconsistent, so poisoning is ignored.
+        self.listeners.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Adds a multi-topic subscription's signal (once).
+    pub(super) fn listen(&self, signal: &Arc<Notify>) {
+        let mut listeners = self.lock_listeners();
+        let mine = Arc::downgrade(signal);
+        if !listeners.iter().any(|l| Weak::ptr_eq(l, &mine)) {
+            listeners.push(mine);
+        }
+    }
+
+    /// Removes a multi-topic subscription's signal.
+    pub(super) fn unlisten(&self, signal: &Arc<Notify>) {
+        let mine = Arc::downgrade(signal);
+        self.lock_listeners().retain(|l| !Weak::ptr_eq(l, &mine) && l.strong_count() > 0);
     }
 }
 
@@ -104,7 +147,7 @@ impl Hub {
     /// and wakes that topic's followers. Returns whether it was installed.
     pub fn apply(&self, snapshot: Snapshot) -> bool {
         let topic = self.get_or_insert(&snapshot.topic);
-        topic.apply(Arc::new(snapshot))
+        topic.apply(snapshot)
     }
 
     /// The newest live version of every topic, sorted by name.
@@ -122,7 +165,7 @@ impl Hub {
     /// A cursor for one reader of `name`, starting from what the reader says
     /// it holds (`since`), or from nothing.
     pub fn follow(&self, name: &TopicName, since: Option<Position>) -> Follower {
-        Follower { topic: self.get_or_insert(name), hub: self.clone(), held: since, last: None }
+        Follower { topic: self.get_or_insert(name), hub: self.clone(), held: since }
     }
 
     /// Forgets `topic` if it never had a version and nobody else follows it,
@@ -161,6 +204,9 @@ pub enum Delivery {
         snapshot: Arc<Snapshot>,
         /// Versions the reader skipped since its previous one.
         skipped: u64,
+        /// What the reader held before this delivery: a transport sends a
+        /// delta instead when this is the snapshot's `base`.
+        previous: Option<Position>,
     },
     /// The incarnation the reader holds was deleted.
     Deleted(Arc<Snapshot>),
@@ -179,10 +225,8 @@ pub struct Follower {
     /// never-created topic leaves.
     hub: Hub,
     /// What the reader holds: from `since` at first, then the last delivery.
+    /// A position, not the snapshot itself, so a reader pins no old version.
     held: Option<Position>,
-    /// The last version delivered, kept so a transport can build a delta
-    /// against it.
-    last: Option<Arc<Snapshot>>,
 }
 
 impl Follower {
@@ -196,18 +240,12 @@ impl Follower {
         self.held
     }
 
-    /// The last version delivered to this reader.
-    pub fn last(&self) -> Option<&Arc<Snapshot>> {
-        self.last.as_ref()
-    }
-
     /// The delivery due now, if any, and records it as held. Never returns an
     /// older version than the reader holds within the same epoch.
     pub fn take(&mut self) -> Option<Delivery> {
         let current = self.topic.current()?;
         let delivery = self.due(&current)?;
         self.held = Some(current.position());
-        self.last = Some(current);
         Some(delivery)
     }
 
@@ -215,7 +253,11 @@ impl Follower {
         let Some(held) = self.held else {
             // A reader that holds nothing waits through a deletion for the
             // topic to be created again.
-            return (!current.deleted).then(|| Delivery::Snapshot { snapshot: Arc::clone(current), skipped: 0 });
+            return (!current.deleted).then(|| Delivery::Snapshot {
+                snapshot: Arc::clone(current),
+                skipped: 0,
+                previous: None,
+            });
         };
         if current.version <= held.version && current.epoch == held.epoch {
             return None;
@@ -228,7 +270,12 @@ impl Follower {
         // is meaningful across epochs too; a rebuilt store (lower versions
         // under a new epoch) counts as nothing skipped.
         let skipped = current.version.saturating_sub(held.version.saturating_add(1));
-        Some(Delivery::Snapshot { snapshot: Arc::clone(current), skipped })
+        Some(Delivery::Snapshot { snapshot: Arc::clone(current), skipped, previous: Some(held) })
+    }
+
+    /// Whether a delivery is due now.
+    pub fn is_due(&self) -> bool {
+        self.topic.current().is_some_and(|current| self.due(&current).is_some())
     }
 
     /// Waits until a delivery is due, then returns it.
@@ -254,7 +301,7 @@ impl Follower {
             let notified = self.topic.changed.notified();
             let mut notified = std::pin::pin!(notified);
             notified.as_mut().enable();
-            if self.topic.current().is_some_and(|current| self.due(&current).is_some()) {
+            if self.is_due() {
                 return;
             }
             notified.await;
@@ -301,14 +348,14 @@ mod tests {
         assert!(f.take().is_none(), "nothing before the first version");
         hub.apply(live("t", 1, 1));
         match f.take() {
-            Some(Delivery::Snapshot { snapshot, skipped }) => assert_eq!((snapshot.version, skipped), (1, 0)),
+            Some(Delivery::Snapshot { snapshot, skipped, .. }) => assert_eq!((snapshot.version, skipped), (1, 0)),
             other => panic!("{other:?}"),
         }
         for v in 2..=100 {
             hub.apply(live("t", 1, v));
         }
         match f.take() {
-            Some(Delivery::Snapshot { snapshot, skipped }) => assert_eq!((snapshot.version, skipped), (100, 98)),
+            Some(Delivery::Snapshot { snapshot, skipped, .. }) => assert_eq!((snapshot.version, skipped), (100, 98)),
             other => panic!("{other:?}"),
         }
         assert!(f.take().is_none(), "nothing is resent");

@@ -5,7 +5,9 @@
 mod hub;
 mod name;
 mod snapshot;
+mod subscription;
 
 pub use hub::{Delivery, Follower, Hub, Topic};
 pub use name::{InvalidTopicName, MAX_TOPIC_NAME_LEN, TopicName};
 pub use snapshot::{Encoded, Epoch, InvalidPosition, Position, Snapshot, WIRE_FORMS, Wire, encodings_total};
+pub use subscription::{SubscribeError, Subscription};

@@ -103,28 +103,49 @@ impl fmt::Display for Position {
 pub enum Wire {
     /// A WebSocket text payload (`snapshot` or `deleted` frame).
     WsFrame = 0,
-    /// A Server-Sent Events event (`id:` and `data:` lines).
-    SseEvent = 1,
+    /// A WebSocket `patch` frame against `Snapshot::base` (empty when no
+    /// merge patch can express the change).
+    WsPatch = 1,
+    /// A Server-Sent Events event for a single-topic stream.
+    SseEvent = 2,
+    /// A Server-Sent Events `patch` event for a single-topic stream.
+    SsePatch = 3,
     /// The JSON body of `GET /v1/topics/{topic}`.
-    JsonBody = 2,
+    JsonBody = 4,
+    /// That body, gzip-compressed.
+    JsonGzip = 5,
+    /// That body, brotli-compressed.
+    JsonBrotli = 6,
 }
 
 impl Wire {
     /// Every form, in index order.
-    pub const ALL: [Wire; WIRE_FORMS] = [Wire::WsFrame, Wire::SseEvent, Wire::JsonBody];
+    pub const ALL: [Wire; WIRE_FORMS] = [
+        Wire::WsFrame,
+        Wire::WsPatch,
+        Wire::SseEvent,
+        Wire::SsePatch,
+        Wire::JsonBody,
+        Wire::JsonGzip,
+        Wire::JsonBrotli,
+    ];
 
     /// A short name, for metrics labels.
     pub const fn label(self) -> &'static str {
         match self {
             Wire::WsFrame => "ws",
+            Wire::WsPatch => "ws_patch",
             Wire::SseEvent => "sse",
+            Wire::SsePatch => "sse_patch",
             Wire::JsonBody => "json",
+            Wire::JsonGzip => "json_gzip",
+            Wire::JsonBrotli => "json_br",
         }
     }
 }
 
 /// How many wire forms exist.
-pub const WIRE_FORMS: usize = 3;
+pub const WIRE_FORMS: usize = 7;
 
 /// How many times each wire form was built, process-wide. A reader count that
 /// moves this counter is a bug: the test suite watches it.
@@ -183,6 +204,11 @@ pub struct Snapshot {
     pub state: Bytes,
     /// Whether this version is the topic's deletion.
     pub deleted: bool,
+    /// The live version this one replaced in the hub (same epoch), and its
+    /// state: a reader holding exactly that version can be sent a delta.
+    /// Only the state bytes are kept, never the older snapshot, so versions
+    /// do not chain into a history.
+    pub base: Option<(Position, Bytes)>,
     /// Wire encodings, each built at most once, indexed by `Wire`.
     encoded: [OnceLock<Encoded>; WIRE_FORMS],
 }
@@ -190,12 +216,21 @@ pub struct Snapshot {
 impl Snapshot {
     /// A live version.
     pub fn live(topic: TopicName, epoch: Epoch, version: u64, updated_ms: u64, state: Bytes) -> Self {
-        Self { topic, epoch, version, updated_ms, state, deleted: false, encoded: Default::default() }
+        Self { topic, epoch, version, updated_ms, state, deleted: false, base: None, encoded: Default::default() }
     }
 
     /// A tombstone: the version that deleted the topic.
     pub fn tombstone(topic: TopicName, epoch: Epoch, version: u64, updated_ms: u64) -> Self {
-        Self { topic, epoch, version, updated_ms, state: Bytes::new(), deleted: true, encoded: Default::default() }
+        Self {
+            topic,
+            epoch,
+            version,
+            updated_ms,
+            state: Bytes::new(),
+            deleted: true,
+            base: None,
+            encoded: Default::default(),
+        }
     }
 
     /// `EPOCH:VERSION` of this version.

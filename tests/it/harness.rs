@@ -247,3 +247,79 @@ pub(crate) async fn expect_close(ws: &mut Ws, limit: Duration) -> (u16, String) 
 pub(crate) async fn send_text(ws: &mut Ws, text: &str) {
     ws.send(Message::text(text)).await.expect("send");
 }
+
+/// One Server-Sent Event as a client sees it.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Event {
+    pub(crate) id: Option<String>,
+    pub(crate) data: Option<String>,
+    pub(crate) retry: Option<u64>,
+}
+
+impl Event {
+    /// The `data:` as JSON.
+    pub(crate) fn json(&self) -> Value {
+        serde_json::from_str(self.data.as_deref().unwrap_or("null")).expect("data is JSON")
+    }
+}
+
+/// A minimal SSE client over a streamed reqwest response.
+pub(crate) struct Sse {
+    pub(crate) response_headers: reqwest::header::HeaderMap,
+    pub(crate) status: u16,
+    body: std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buffer: String,
+}
+
+impl Sse {
+    /// Opens `path` with extra request headers.
+    pub(crate) async fn open(server: &Server, path: &str, headers: &[(&str, &str)]) -> Sse {
+        let mut request = server.http.get(server.url(path)).header("accept", "text/event-stream");
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        let response = request.send().await.expect("sse request");
+        let status = response.status().as_u16();
+        let response_headers = response.headers().clone();
+        Sse { response_headers, status, body: Box::pin(response.bytes_stream()), buffer: String::new() }
+    }
+
+    /// The next event (comments skipped), `None` at the end of the stream or
+    /// after `limit`.
+    pub(crate) async fn next_within(&mut self, limit: Duration) -> Option<Event> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut event = Event::default();
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("data: ") {
+                        event.data = Some(v.to_string());
+                    } else if let Some(v) = line.strip_prefix("id: ") {
+                        event.id = Some(v.to_string());
+                    } else if let Some(v) = line.strip_prefix("retry: ") {
+                        event.retry = v.parse().ok();
+                    }
+                }
+                if event.data.is_some() || event.id.is_some() || event.retry.is_some() {
+                    return Some(event);
+                }
+                continue;
+            }
+            match tokio::time::timeout_at(deadline, self.body.next()).await {
+                Ok(Some(Ok(chunk))) => self.buffer.push_str(&String::from_utf8_lossy(&chunk)),
+                _ => return None,
+            }
+        }
+    }
+
+    /// The next event that is not a `hello` or a heartbeat; panics after 10 s.
+    pub(crate) async fn next_state(&mut self) -> Event {
+        loop {
+            let event = self.next_within(Duration::from_secs(10)).await.expect("an event within 10 s");
+            if !matches!(event.json()["type"].as_str(), Some("heartbeat" | "hello")) {
+                return event;
+            }
+        }
+    }
+}

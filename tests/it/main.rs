@@ -7,3 +7,4 @@ mod durability;
 mod publish;
 mod readers;
 mod slow_readers;
+mod transports;

@@ -163,3 +163,45 @@ async fn a_reader_that_never_reads_is_cut_off_while_a_fast_one_keeps_receiving()
     assert_eq!(s.metric("spillway_cutoffs_total{reason=\"write_stall\"}").await, 1.0);
     drop(stalled);
 }
+
+#[tokio::test]
+async fn a_stalled_event_stream_is_held_to_one_event_and_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let s = Server::start(&["--write-timeout", "2s"]).await;
+    s.publish("t", &state_1k(0)).await;
+    // A raw HTTP client with a small receive buffer that asks for the stream
+    // and then never reads.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    socket.connect(&s.addr.into()).expect("connect");
+    socket.set_nonblocking(true).expect("nonblocking");
+    let mut stalled = TcpStream::from_std(socket.into()).expect("tokio stream");
+    let local = stalled.local_addr().expect("local");
+    let request = format!("GET /v1/topics/t/events HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n", s.addr);
+    stalled.write_all(request.as_bytes()).await.expect("request");
+
+    let started = Instant::now();
+    let mut worst_pinned = 0;
+    let mut cut_at = None;
+    for n in 1..400u64 {
+        s.publish("t", &state_1k(n)).await;
+        match server_socket_memory(s.addr, local) {
+            Some((tb, pinned)) => {
+                assert!(tb <= 64 * 1024, "effective send buffer {tb} exceeds the clamp");
+                worst_pinned = worst_pinned.max(pinned);
+            }
+            None => {
+                cut_at = Some(started.elapsed());
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cut_at = cut_at.expect("the stalled stream was cut off");
+    assert!(cut_at < Duration::from_secs(6), "cut off within write timeout plus grace: {cut_at:?}");
+    assert!(worst_pinned > 0 && worst_pinned <= 64 * 1024, "pinned {worst_pinned} bytes");
+    assert_eq!(s.metric("spillway_cutoffs_total{reason=\"write_stall\"}").await, 1.0);
+    for c in s.connections().await {
+        assert!(c["pending_state_frames_max"].as_u64().expect("hwm") <= 1, "{c}");
+    }
+}

@@ -2,12 +2,16 @@
 //! and the reconnect hints. Shared by the transports, the tests and the load
 //! generator; `docs/PROTOCOL.md` is its prose twin and must agree with it.
 
+pub mod delta;
+
+use std::io::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
-use crate::topic::{Encoded, Snapshot};
+use crate::topic::{Encoded, Snapshot, Wire};
 
 /// Close codes a WebSocket connection can end with. 1000–1015 are the RFC
 /// 6455 codes; 4000–4999 are ours.
@@ -82,6 +86,12 @@ pub fn error_frame(code: &str, message: &str) -> Bytes {
     Bytes::from(frame.to_string())
 }
 
+/// The text of a `notice` frame (drain, overload): why, and when to come back.
+pub fn notice_frame(reason: &str, retry_after_ms: u64) -> Bytes {
+    let frame = serde_json::json!({ "type": "notice", "reason": reason, "retry_after_ms": retry_after_ms });
+    Bytes::from(frame.to_string())
+}
+
 /// A jittered reconnect delay in milliseconds, uniform over
 /// `[base_ms, base_ms + spread_ms)`, drawn per connection so that readers cut
 /// off together do not come back together.
@@ -152,6 +162,89 @@ pub fn json_body(snapshot: &Snapshot) -> Encoded {
     Encoded { bytes: Bytes::from(out), skipped_at: None }
 }
 
+/// Builds the shared `patch` frame from `Snapshot::base` to this version, or
+/// an empty encoding when there is no base or no merge patch can express the
+/// change (the reader then gets a full snapshot).
+pub fn ws_patch(snapshot: &Snapshot) -> Encoded {
+    let none = Encoded { bytes: Bytes::new(), skipped_at: None };
+    let Some((base, base_state)) = &snapshot.base else { return none };
+    let parse = |bytes: &[u8]| serde_json::from_slice::<Map<String, Value>>(bytes).ok();
+    let (Some(old), Some(new)) = (parse(base_state), parse(&snapshot.state)) else { return none };
+    let Some(patch) = delta::merge_patch_between(&old, &new) else { return none };
+    let Ok(patch) = serde_json::to_string(&patch) else { return none };
+    let text = format!(
+        r#"{{"type":"patch","topic":"{}","epoch":"{}","base":{},"version":{},"updated_at":"{}","skipped":0,"patch":{}}}"#,
+        snapshot.topic,
+        snapshot.epoch,
+        base.version,
+        snapshot.version,
+        rfc3339_ms(snapshot.updated_ms),
+        patch
+    );
+    Encoded { bytes: Bytes::from(text), skipped_at: None }
+}
+
+/// Wraps a frame as one Server-Sent Event: `data:` then `id:`.
+pub fn sse_event(id: &str, frame: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(frame.len() + id.len() + 16);
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(frame);
+    out.extend_from_slice(b"\nid: ");
+    out.extend_from_slice(id.as_bytes());
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+/// Wraps a control frame (no `id:`, so `Last-Event-ID` keeps its value).
+pub fn sse_data(frame: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(frame.len() + 8);
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(frame);
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+/// The shared single-topic SSE event for a version (id `EPOCH:VERSION`).
+pub fn sse_single(snapshot: &Snapshot) -> Encoded {
+    let frame = snapshot.encoded(Wire::WsFrame, ws_frame);
+    let event = sse_event(&snapshot.position().to_string(), &frame.bytes);
+    Encoded { bytes: event, skipped_at: frame.skipped_at.map(|at| at + "data: ".len()) }
+}
+
+/// The shared single-topic SSE `patch` event for a version, or empty.
+pub fn sse_single_patch(snapshot: &Snapshot) -> Encoded {
+    let patch = snapshot.encoded(Wire::WsPatch, ws_patch);
+    if patch.bytes.is_empty() {
+        return patch.clone();
+    }
+    Encoded { bytes: sse_event(&snapshot.position().to_string(), &patch.bytes), skipped_at: None }
+}
+
+/// The JSON body compressed with gzip.
+pub fn json_gzip(snapshot: &Snapshot) -> Encoded {
+    let body = snapshot.encoded(Wire::JsonBody, json_body);
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let bytes = match encoder.write_all(&body.bytes).and_then(|()| encoder.finish()) {
+        Ok(compressed) => Bytes::from(compressed),
+        Err(_) => Bytes::new(),
+    };
+    Encoded { bytes, skipped_at: None }
+}
+
+/// The JSON body compressed with brotli.
+pub fn json_brotli(snapshot: &Snapshot) -> Encoded {
+    let body = snapshot.encoded(Wire::JsonBody, json_body);
+    let mut out = Vec::new();
+    // Quality 5 and a 4 MiB window: a good ratio for small JSON at a cost
+    // paid once per version.
+    let params = brotli::enc::BrotliEncoderParams { quality: 5, lgwin: 22, ..Default::default() };
+    let bytes = match brotli::BrotliCompress(&mut &body.bytes[..], &mut out, &params) {
+        Ok(_) => Bytes::from(out),
+        Err(_) => Bytes::new(),
+    };
+    Encoded { bytes, skipped_at: None }
+}
+
 /// The answer to a publish: where the topic now stands.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PublishAck {
@@ -202,6 +295,36 @@ mod tests {
             assert_eq!(v["skipped"], skipped);
             assert_eq!(v["state"]["a"][1], "x");
         }
+    }
+
+    #[test]
+    fn patches_and_events_are_well_formed() {
+        let name = TopicName::parse("m-1").expect("valid");
+        let mut next =
+            Snapshot::live(name, Epoch::from_u64(0xabc), 8, 0, Bytes::from_static(br#"{"a":[1,"x"],"b":2}"#));
+        assert!(ws_patch(&next).bytes.is_empty(), "no base, no patch");
+        next.base = Some((snap().position(), snap().state.clone()));
+        let v: Value = serde_json::from_slice(&ws_patch(&next).bytes).expect("json");
+        assert_eq!((v["type"].as_str(), v["base"].as_u64(), v["version"].as_u64()), (Some("patch"), Some(7), Some(8)));
+        assert_eq!(v["patch"], serde_json::json!({"b": 2}));
+        let event = sse_single(&snap());
+        let text = String::from_utf8(event.with_skipped(3).to_vec()).expect("utf8");
+        assert!(text.starts_with("data: {") && text.ends_with("\nid: 0000000000000abc:7\n\n"), "{text}");
+        let data: Value =
+            serde_json::from_str(text.lines().next().expect("line").trim_start_matches("data: ")).expect("json");
+        assert_eq!(data["skipped"], 3);
+    }
+
+    #[test]
+    fn compressed_bodies_decompress_to_the_body() {
+        use std::io::Read as _;
+        let body = json_body(&snap()).bytes;
+        let mut gz = Vec::new();
+        flate2::read::GzDecoder::new(&json_gzip(&snap()).bytes[..]).read_to_end(&mut gz).expect("gunzip");
+        assert_eq!(gz, body.to_vec());
+        let mut br = Vec::new();
+        brotli::BrotliDecompress(&mut &json_brotli(&snap()).bytes[..], &mut br).expect("unbrotli");
+        assert_eq!(br, body.to_vec());
     }
 
     #[test]
