@@ -104,7 +104,8 @@ pub(super) fn authorize(app: &AppState, headers: &HeaderMap) -> Result<(), ApiEr
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        // The scheme name is case-insensitive (RFC 9110, section 11.1).
+        .and_then(|v| v.get(..7).filter(|scheme| scheme.eq_ignore_ascii_case("bearer ")).map(|_| &v[7..]))
         .map(str::trim)
         .ok_or(ApiError::Unauthorized)?;
     let mut ok = subtle::Choice::from(0);

@@ -21,7 +21,7 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::Response;
 use axum::routing::get;
 use bytes::Bytes;
-use tokio::time::{Instant, Interval, MissedTickBehavior, interval_at, sleep};
+use tokio::time::{Instant, sleep, sleep_until};
 
 use super::deliver::{Framing, frame};
 use super::{ApiError, AppState, TopicPath, since_param, topic_list, wants_delta};
@@ -126,9 +126,6 @@ fn open(
         return Ok(event_stream(Body::from(body)));
     }
     app.settings.clamp_subscription_socket(&peer);
-    let heartbeat = app.settings.heartbeat;
-    let mut ticks = interval_at(Instant::now() + heartbeat, heartbeat);
-    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let stream = SseStream {
         guard: app.connections.register("sse", label, peer.addr),
         _open: app.metrics.open(Transport::Sse),
@@ -137,8 +134,7 @@ fn open(
         framing,
         delta,
         fd: peer.fd,
-        ticks,
-        sent_since_tick: false,
+        last_sent: Instant::now(),
         gated: false,
         retry_after_ms,
         phase: Phase::Start,
@@ -190,8 +186,9 @@ struct SseStream {
     guard: ConnGuard,
     /// Counts the connection as open while the stream lives.
     _open: OpenGuard,
-    ticks: Interval,
-    sent_since_tick: bool,
+    /// When the last event was handed over: a `heartbeat` event goes out once
+    /// nothing has been sent for the heartbeat interval.
+    last_sent: Instant,
     /// An event was handed to hyper and may not have reached the kernel yet.
     gated: bool,
     retry_after_ms: u64,
@@ -236,12 +233,9 @@ impl SseStream {
                     }
                     return Some(self.sent(framed.bytes, true));
                 }
-                _ = self.ticks.tick() => {
-                    if !self.sent_since_tick {
-                        self.app.metrics.heartbeats.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        return Some(self.sent(protocol::sse_data(HEARTBEAT.as_bytes()), false));
-                    }
-                    self.sent_since_tick = false;
+                () = sleep_until(self.last_sent + self.app.settings.heartbeat) => {
+                    self.app.metrics.heartbeats.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return Some(self.sent(protocol::sse_data(HEARTBEAT.as_bytes()), false));
                 }
             }
         }
@@ -249,7 +243,7 @@ impl SseStream {
 
     /// Records an event handed to hyper.
     fn sent(&mut self, bytes: Bytes, state: bool) -> Bytes {
-        self.sent_since_tick = true;
+        self.last_sent = Instant::now();
         self.gated = true;
         if state {
             // One state event at a time: the gate holds the next until this

@@ -23,7 +23,7 @@ use axum::response::Response;
 use axum::routing::get;
 use bytes::Bytes;
 use futures_util::{Sink, Stream};
-use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep_until};
+use tokio::time::{Instant, sleep_until};
 
 use super::deliver::{Framing, frame};
 use super::{ApiError, AppState, TopicPath, since_param, topic_list, wants_delta};
@@ -165,7 +165,11 @@ struct Connection<'a> {
     /// Whether the frame in flight is a state frame (counted as pending).
     state_in_flight: bool,
     /// Whether anything was sent since the last heartbeat tick.
-    sent_since_tick: bool,
+    /// When the last text frame was handed over: a `heartbeat` frame goes
+    /// out once nothing has been sent for the heartbeat interval.
+    last_text: Instant,
+    /// When the last ping was sent; pings go out every interval.
+    last_ping: Instant,
     /// Pings sent and not answered.
     unanswered_pings: u32,
     closing: Option<Closing>,
@@ -181,7 +185,8 @@ impl<'a> Connection<'a> {
             retry_after_ms: jittered_ms(1000, 4000),
             in_flight_since: None,
             state_in_flight: false,
-            sent_since_tick: false,
+            last_text: Instant::now(),
+            last_ping: Instant::now(),
             unanswered_pings: 0,
             closing: None,
         }
@@ -194,8 +199,10 @@ impl<'a> Connection<'a> {
         let heartbeat = self.app.settings.heartbeat;
         let write_timeout = self.app.settings.write_timeout;
         let shutdown = self.app.shutdown.clone();
-        let mut ticks = interval_at(Instant::now() + heartbeat, heartbeat);
-        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // One timer serves heartbeats and pings: it fires at the earlier of
+        // the two moments and is re-armed from what happened since.
+        let timer = sleep_until(Instant::now() + heartbeat);
+        let mut timer = std::pin::pin!(timer);
 
         self.send(&mut socket, text(protocol::hello(heartbeat)), false);
         loop {
@@ -243,7 +250,11 @@ impl<'a> Connection<'a> {
                 () = self.subscription.ready(), if !in_flight && self.closing.is_none() => {
                     self.deliver(&mut socket);
                 }
-                _ = ticks.tick(), if self.closing.is_none() => self.on_tick(&mut socket),
+                () = timer.as_mut(), if self.closing.is_none() => {
+                    self.on_timer(&mut socket);
+                    let next = (self.last_text + heartbeat).min(self.last_ping + heartbeat).max(Instant::now() + Duration::from_millis(10));
+                    timer.as_mut().reset(next);
+                }
                 () = sleep_until(write_deadline), if in_flight || self.closing.is_some() => {
                     if self.closing.is_some() {
                         // The grace ran out: the socket cannot take even the
@@ -341,23 +352,34 @@ impl<'a> Connection<'a> {
         self.close(socket, close::POLICY);
     }
 
-    fn on_tick<S: Sink<Message, Error = axum::Error> + Unpin>(&mut self, socket: &mut S) {
-        if self.unanswered_pings >= 2 {
-            self.app.metrics.cutoff(Cutoff::HeartbeatLost);
-            self.close(socket, close::HEARTBEAT_LOST);
+    /// Sends what the heartbeat timer says is due: a ping every interval (two
+    /// unanswered ones end the connection), and a `heartbeat` frame when no
+    /// text frame went out for an interval.
+    fn on_timer<S: Sink<Message, Error = axum::Error> + Unpin>(&mut self, socket: &mut S) {
+        let heartbeat = self.app.settings.heartbeat;
+        let now = Instant::now();
+        if now < self.last_ping + heartbeat && now < self.last_text + heartbeat {
             return;
         }
         if self.in_flight_since.is_some() {
             // The socket is busy with a frame; the write timeout watches it.
+            self.last_ping = now;
             return;
         }
-        if !self.sent_since_tick {
+        if now >= self.last_text + heartbeat {
             self.app.metrics.heartbeats.fetch_add(1, Ordering::Relaxed);
             self.send(socket, Message::Text(Utf8Bytes::from_static(HEARTBEAT)), false);
         }
-        self.send(socket, Message::Ping(Bytes::new()), false);
-        self.unanswered_pings += 1;
-        self.sent_since_tick = false;
+        if now >= self.last_ping + heartbeat {
+            if self.unanswered_pings >= 2 {
+                self.app.metrics.cutoff(Cutoff::HeartbeatLost);
+                self.close(socket, close::HEARTBEAT_LOST);
+                return;
+            }
+            self.send(socket, Message::Ping(Bytes::new()), false);
+            self.unanswered_pings += 1;
+            self.last_ping = now;
+        }
     }
 
     /// Queues a close frame with the reconnect hint and starts the grace.
@@ -372,11 +394,14 @@ impl<'a> Connection<'a> {
         // With a zero write buffer the sink writes eagerly and is always ready
         // after a completed flush; a frame queued while another is in flight
         // (a control frame) waits in tungstenite's buffer behind it.
+        let message_kind = if matches!(message, Message::Text(_)) { Kind::Text } else { Kind::Control };
         if Pin::new(&mut *socket).start_send(message).is_err() {
             // The socket is broken; the next flush reports it and ends us.
         }
         self.in_flight_since.get_or_insert_with(Instant::now);
-        self.sent_since_tick = true;
+        if matches!(message_kind, Kind::Text) {
+            self.last_text = Instant::now();
+        }
         if state {
             self.state_in_flight = true;
             let pending = self.stats.pending.fetch_add(1, Ordering::Relaxed) + 1;
@@ -384,6 +409,14 @@ impl<'a> Connection<'a> {
             self.app.metrics.observe_pending(pending);
         }
     }
+}
+
+/// Whether a message counts as something the client's application sees.
+enum Kind {
+    /// A text frame (the browser sees it; it resets the heartbeat clock).
+    Text,
+    /// Ping, pong or close (invisible to browser code).
+    Control,
 }
 
 /// A text message from bytes we built ourselves as UTF-8.

