@@ -51,6 +51,8 @@ pub struct Application {
     local_addr: SocketAddr,
     /// Set when no token was configured: the generated one, to show once.
     generated_token: Option<Secret>,
+    /// Whether to run the simulated match.
+    demo: bool,
 }
 
 impl Application {
@@ -84,6 +86,7 @@ impl Application {
             max_topics_per_connection: config.max_topics_per_connection,
             allowed_origins: (!config.allow_origins.is_empty() && !config.allow_origins.iter().any(|o| o == "*"))
                 .then(|| config.allow_origins.iter().map(|o| o.trim_end_matches('/').to_string()).collect()),
+            disable_websocket: config.disable_websocket,
         };
         let listener = TcpListener::bind(config.listen)
             .await
@@ -98,7 +101,7 @@ impl Application {
             shutdown,
             tasks,
         };
-        Ok(Self { listener, state, local_addr, generated_token })
+        Ok(Self { listener, state, local_addr, generated_token, demo: config.demo })
     }
 
     /// The address actually bound (useful with port 0).
@@ -110,7 +113,7 @@ impl Application {
     /// every reader (close `1001` with a reconnect hint), finishes queued
     /// commits, and returns within a bounded time.
     pub async fn run_until_stopped(self, stop: impl Future<Output = ()> + Send + 'static) -> io::Result<()> {
-        let Self { listener, state, local_addr, generated_token } = self;
+        let Self { listener, state, local_addr, generated_token, demo } = self;
         if let Some(token) = generated_token {
             // Shown once, on the terminal, never in the logs.
             eprintln!(
@@ -130,6 +133,10 @@ impl Application {
             tracing::info!("shutting down");
             trigger.cancel();
         });
+        if demo {
+            tasks.spawn(crate::demo::run(state.store.clone(), state.hub.clone(), shutdown.clone()));
+            tracing::info!("demo mode: a simulated match is live at http://{local_addr}/t/demo");
+        }
         let app = router(state).into_make_service_with_connect_info::<Peer>();
         let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
         // axum's graceful shutdown waits for open requests but not for

@@ -113,6 +113,17 @@ pub struct Config {
     #[arg(long = "allow-origin", env = "SPILLWAY_ALLOW_ORIGIN", value_delimiter = ',')]
     pub allow_origins: Vec<String>,
 
+    /// Also run a simulated live match on topic `demo` (clock ticking every
+    /// second, goals and cards now and then), so a newcomer sees a live
+    /// scoreboard at once.
+    #[arg(long, env = "SPILLWAY_DEMO")]
+    pub demo: bool,
+
+    /// Refuse WebSocket upgrades (503), as a broken proxy would; for testing
+    /// the clients' fallback to SSE and long-poll.
+    #[arg(long, env = "SPILLWAY_DISABLE_WEBSOCKET")]
+    pub disable_websocket: bool,
+
     /// Log format.
     #[arg(long, env = "SPILLWAY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

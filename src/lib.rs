@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod config;
+pub mod demo;
 pub mod http;
 pub mod metrics;
 pub mod net;

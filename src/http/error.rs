@@ -54,6 +54,9 @@ pub enum ApiError {
     /// The server is shutting down or draining; retry elsewhere after the hint.
     #[error("the server is draining; reconnect after the hint")]
     Draining,
+    /// WebSocket upgrades are switched off (`--disable-websocket`).
+    #[error("WebSocket is disabled on this server; use Server-Sent Events or long-poll")]
+    WebSocketDisabled,
     /// A WebSocket endpoint was called without an upgrade.
     #[error("this endpoint takes a WebSocket upgrade")]
     UpgradeRequired,
@@ -74,7 +77,7 @@ impl ApiError {
             Self::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             Self::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
             Self::OriginNotAllowed => StatusCode::FORBIDDEN,
-            Self::Unavailable | Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable | Self::Draining | Self::WebSocketDisabled => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -91,6 +94,7 @@ impl ApiError {
             Self::OriginNotAllowed => "origin_not_allowed",
             Self::Unavailable => "unavailable",
             Self::Draining => "draining",
+            Self::WebSocketDisabled => "websocket_disabled",
         }
     }
 }

@@ -4,6 +4,7 @@
 mod deliver;
 mod error;
 mod ops;
+mod pages;
 mod publish;
 mod read;
 mod sse;
@@ -46,6 +47,8 @@ pub struct Settings {
     pub max_topics_per_connection: usize,
     /// Origins allowed to read and subscribe from a browser; `None` allows any.
     pub allowed_origins: Option<Vec<String>>,
+    /// Refuse WebSocket upgrades (testing the clients' fallbacks).
+    pub disable_websocket: bool,
 }
 
 impl Settings {
@@ -113,6 +116,7 @@ pub fn router(state: AppState) -> Router {
         .merge(sse::router())
         .merge(ws::router())
         .merge(ops::router())
+        .merge(pages::router())
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(cors)

@@ -94,6 +94,9 @@ fn accept(
     if app.shutdown.is_cancelled() {
         return Err(ApiError::Draining);
     }
+    if app.settings.disable_websocket {
+        return Err(ApiError::WebSocketDisabled);
+    }
     // This request becomes a subscription: from here on the socket only
     // carries states we can drop, so keep the kernel from hoarding them.
     app.settings.clamp_subscription_socket(&peer);
