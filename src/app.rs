@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::bus::{Bus, RedisConfig};
 use crate::config::{Config, Secret};
 use crate::http::{AppState, Settings, router};
 use crate::metrics::{Connections, Metrics};
@@ -60,14 +61,62 @@ impl Application {
     pub async fn build(config: &Config) -> Result<Self, StartError> {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let store = Store::open_sqlite(&config.data_dir, &tasks, shutdown.clone()).await?;
+        let store = match &config.database_url {
+            Some(url) => Store::open_postgres(url.expose(), &tasks, shutdown.clone()).await?,
+            None => Store::open_sqlite(&config.data_dir, &tasks, shutdown.clone()).await?,
+        };
         let hub = Hub::new();
         let loaded = store.load_all().await?;
         let count = loaded.len();
         for snapshot in loaded {
             hub.apply(snapshot);
         }
-        tracing::info!(topics = count, data_dir = %config.data_dir.display(), "store opened (SQLite, WAL, synchronous=FULL)");
+        if store.is_shared() {
+            tracing::info!(topics = count, "store opened (PostgreSQL)");
+        } else {
+            tracing::info!(topics = count, data_dir = %config.data_dir.display(), "store opened (SQLite, WAL, synchronous=FULL)");
+        }
+        let hub_id = config.hub_id.clone().unwrap_or_else(|| format!("hub-{:08x}", fastrand::u32(..)));
+        let bus = match &config.redis_url {
+            Some(url) => {
+                let redis = RedisConfig { url: url.expose().to_string(), prefix: config.redis_prefix.clone(), hub_id };
+                let bus = Bus::redis(
+                    redis.clone(),
+                    hub.clone(),
+                    store.clone(),
+                    config.reconcile_interval,
+                    &tasks,
+                    shutdown.clone(),
+                );
+                tasks.spawn(crate::ingest::run(
+                    redis,
+                    config.ingest_max_len,
+                    hub.clone(),
+                    store.clone(),
+                    bus.clone(),
+                    shutdown.clone(),
+                ));
+                tracing::info!(prefix = %config.redis_prefix, "joined the Redis bus; ingesting the Redis stream");
+                bus
+            }
+            None => {
+                if store.is_shared() {
+                    // Without a bus, hubs on one database still converge
+                    // through the reconciler.
+                    let bus = Bus::in_process();
+                    tasks.spawn(crate::bus::reconcile_only(
+                        hub.clone(),
+                        store.clone(),
+                        config.reconcile_interval,
+                        bus.stats().clone(),
+                        shutdown.clone(),
+                    ));
+                    bus
+                } else {
+                    Bus::in_process()
+                }
+            }
+        };
 
         let (publish_tokens, generated_token) = if config.publish_tokens.is_empty() {
             let token = generate_token();
@@ -95,6 +144,7 @@ impl Application {
         let state = AppState {
             hub,
             store,
+            bus,
             settings: Arc::new(settings),
             metrics: Arc::new(Metrics::default()),
             connections: Arc::new(Connections::default()),
@@ -134,7 +184,7 @@ impl Application {
             trigger.cancel();
         });
         if demo {
-            tasks.spawn(crate::demo::run(state.store.clone(), state.hub.clone(), shutdown.clone()));
+            tasks.spawn(crate::demo::run(state.store.clone(), state.hub.clone(), state.bus.clone(), shutdown.clone()));
             tracing::info!("demo mode: a simulated match is live at http://{local_addr}/t/demo");
         }
         let app = router(state).into_make_service_with_connect_info::<Peer>();

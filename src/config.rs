@@ -65,6 +65,35 @@ pub struct Config {
     #[arg(long, env = "SPILLWAY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
+    /// PostgreSQL URL (`postgres://user@host/db`): keep topics there instead
+    /// of the embedded SQLite file, so several hubs can share them.
+    #[arg(long, env = "SPILLWAY_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<Secret>,
+
+    /// Redis URL (`redis://host:6379`): join the other hubs on a Redis
+    /// Pub/Sub bus and ingest the Redis stream. Needs --database-url.
+    #[arg(long, env = "SPILLWAY_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<Secret>,
+
+    /// Prefix of every Redis key, channel and client name, so several
+    /// deployments (and test runs) can share one Redis.
+    #[arg(long, env = "SPILLWAY_REDIS_PREFIX", default_value = "spillway")]
+    pub redis_prefix: String,
+
+    /// This hub's name in Redis client names and stream consumer groups
+    /// (default: random).
+    #[arg(long, env = "SPILLWAY_HUB_ID")]
+    pub hub_id: Option<String>,
+
+    /// How often a hub on a shared store reconciles with it, so a hub that
+    /// died between commit and announcement cannot leave others stale longer.
+    #[arg(long, env = "SPILLWAY_RECONCILE_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub reconcile_interval: Duration,
+
+    /// Approximate bound on the Redis ingest stream's length (XTRIM MAXLEN ~).
+    #[arg(long, env = "SPILLWAY_INGEST_MAX_LEN", default_value_t = 100_000)]
+    pub ingest_max_len: u64,
+
     /// Directory holding the embedded SQLite database.
     #[arg(long, env = "SPILLWAY_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
@@ -175,6 +204,30 @@ impl Config {
         if self.max_wait < Duration::from_secs(1) || self.max_wait > Duration::from_secs(300) {
             return Err("--max-wait must be between 1s and 300s".into());
         }
+        if self.redis_url.is_some() && self.database_url.is_none() {
+            return Err("--redis-url needs --database-url: a Redis bus with the embedded SQLite file would give \
+                        every hub its own truth (versions must come from one shared store)"
+                .into());
+        }
+        if let Some(url) = &self.database_url
+            && !(url.expose().starts_with("postgres://") || url.expose().starts_with("postgresql://"))
+        {
+            return Err("--database-url must be a postgres:// URL".into());
+        }
+        if let Some(url) = &self.redis_url
+            && !(url.expose().starts_with("redis://") || url.expose().starts_with("rediss://"))
+        {
+            return Err("--redis-url must be a redis:// URL".into());
+        }
+        let name_ok = |s: &str| {
+            !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        };
+        if !name_ok(&self.redis_prefix) || self.hub_id.as_deref().is_some_and(|id| !name_ok(id)) {
+            return Err("--redis-prefix and --hub-id take 1-64 characters of A-Z, a-z, 0-9, '-', '_', '.'".into());
+        }
+        if self.reconcile_interval < Duration::from_millis(100) {
+            return Err("--reconcile-interval must be at least 100ms".into());
+        }
         for origin in &self.allow_origins {
             if origin != "*" && !valid_origin(origin) {
                 return Err(format!("--allow-origin {origin:?} is not an origin like https://example.com"));
@@ -240,5 +293,15 @@ mod tests {
         assert!(bad.validate().is_err());
         let good = Config::parse_from(["spillway", "--allow-origin", "https://a.example,http://localhost:3000"]);
         assert_eq!(good.validate(), Ok(()));
+        let lonely_bus = Config::parse_from(["spillway", "--redis-url", "redis://127.0.0.1:6379"]);
+        assert!(lonely_bus.validate().is_err_and(|e| e.contains("--database-url")));
+        let multi = Config::parse_from([
+            "spillway",
+            "--redis-url",
+            "redis://127.0.0.1:6379",
+            "--database-url",
+            "postgres://postgres@127.0.0.1/test",
+        ]);
+        assert_eq!(multi.validate(), Ok(()));
     }
 }

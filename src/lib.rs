@@ -3,9 +3,11 @@
 //! the server one pointer. `ARCHITECTURE.md` is the map of this crate.
 
 pub mod app;
+pub mod bus;
 pub mod config;
 pub mod demo;
 pub mod http;
+pub mod ingest;
 pub mod metrics;
 pub mod net;
 pub mod protocol;

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
+use crate::bus::BusStats;
 use crate::store::StoreStats;
 use crate::topic::{Hub, Wire, encodings_total};
 
@@ -28,11 +29,20 @@ pub enum Cutoff {
     Deleted = 4,
     /// The server shut down.
     Shutdown = 5,
+    /// The socket failed (reset, or the kernel's own timeout gave up on it).
+    SocketError = 6,
 }
 
 impl Cutoff {
-    const ALL: [Cutoff; 6] =
-        [Cutoff::WriteStall, Cutoff::HeartbeatLost, Cutoff::Policy, Cutoff::TooBig, Cutoff::Deleted, Cutoff::Shutdown];
+    const ALL: [Cutoff; 7] = [
+        Cutoff::WriteStall,
+        Cutoff::HeartbeatLost,
+        Cutoff::Policy,
+        Cutoff::TooBig,
+        Cutoff::Deleted,
+        Cutoff::Shutdown,
+        Cutoff::SocketError,
+    ];
 
     /// The label used in metrics and logs.
     pub const fn label(self) -> &'static str {
@@ -43,6 +53,7 @@ impl Cutoff {
             Cutoff::TooBig => "too_big",
             Cutoff::Deleted => "deleted",
             Cutoff::Shutdown => "shutdown",
+            Cutoff::SocketError => "socket_error",
         }
     }
 }
@@ -82,7 +93,7 @@ pub struct Metrics {
     /// Reader connections accepted since start, by transport.
     accepted: [AtomicU64; 3],
     /// Cut-offs by reason, indexed by `Cutoff`.
-    cutoffs: [AtomicU64; 6],
+    cutoffs: [AtomicU64; 7],
     /// State frames (snapshot, deleted) written to readers.
     pub deliveries: AtomicU64,
     /// Versions readers skipped (coalesced away).
@@ -129,7 +140,7 @@ impl Metrics {
     }
 
     /// Renders every figure in the Prometheus text format.
-    pub fn render(&self, hub: &Hub, store: &StoreStats, connections: &Connections) -> String {
+    pub fn render(&self, hub: &Hub, store: &StoreStats, bus: &BusStats, connections: &Connections) -> String {
         let mut out = String::with_capacity(4096);
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         for t in Transport::ALL {
@@ -205,6 +216,24 @@ impl Metrics {
         let _ = writeln!(out, "spillway_store_commit_batch_size_sum {}", load(&store.writes));
         let _ = writeln!(out, "spillway_store_commit_batch_size_count {}", load(&store.commits));
         counter(&mut out, "spillway_store_errors_total", "Store commits that failed.", &[], load(&store.errors));
+        gauge(
+            &mut out,
+            "spillway_bus_up",
+            "Whether the Redis bus subscription is up (1) or not (0).",
+            &[],
+            u64::from(bus.up.load(Ordering::Relaxed)),
+        );
+        for (name, help, value) in [
+            ("spillway_bus_received_total", "Messages received from the bus.", &bus.received),
+            ("spillway_bus_applied_total", "Received versions newer than what the hub held.", &bus.applied),
+            ("spillway_bus_published_total", "Announcements published on the bus.", &bus.published),
+            ("spillway_bus_publish_errors_total", "Announcements that could not be published.", &bus.publish_errors),
+            ("spillway_bus_reconnects_total", "Reconnections of the bus subscription.", &bus.reconnects),
+            ("spillway_store_resyncs_total", "Resynchronisations with the store.", &bus.resyncs),
+            ("spillway_store_resync_applied_total", "Versions installed by resynchronisations.", &bus.resync_applied),
+        ] {
+            counter(&mut out, name, help, &[], load(value));
+        }
         gauge(
             &mut out,
             "spillway_registered_connections",

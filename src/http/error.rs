@@ -107,7 +107,7 @@ impl IntoResponse for ApiError {
             Self::PreconditionFailed { current } => {
                 body["current"] = current.map_or(serde_json::Value::Null, |p| json!(p.to_string()));
             }
-            Self::Unavailable | Self::Draining => {
+            Self::Unavailable | Self::Draining | Self::WebSocketDisabled => {
                 let ms = jittered_ms(1000, 2000);
                 body["retry_after_ms"] = json!(ms);
                 retry_after = Some(ms.div_ceil(1000));

@@ -84,6 +84,8 @@ pub struct AppState {
     pub hub: Hub,
     /// The durable store.
     pub store: Store,
+    /// The bus to the other hubs (in-process when there are none).
+    pub bus: crate::bus::Bus,
     /// Fixed settings.
     pub settings: Arc<Settings>,
     /// Counters.
@@ -128,7 +130,14 @@ fn cors_layer(settings: &Settings) -> tower_http::cors::CorsLayer {
     use tower_http::cors::{AllowOrigin, CorsLayer};
     let origins = match &settings.allowed_origins {
         None => AllowOrigin::any(),
-        Some(list) => AllowOrigin::list(list.iter().filter_map(|o| HeaderValue::from_str(o).ok())),
+        // The same comparison as `origin_allowed` (scheme and host are
+        // case-insensitive), so CORS and the subscription check agree.
+        Some(list) => {
+            let list = list.clone();
+            AllowOrigin::predicate(move |origin: &HeaderValue, _| {
+                origin.to_str().is_ok_and(|o| list.iter().any(|a| a.eq_ignore_ascii_case(o.trim_end_matches('/'))))
+            })
+        }
     };
     CorsLayer::new()
         .allow_origin(origins)

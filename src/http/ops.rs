@@ -22,14 +22,23 @@ pub(super) fn router() -> Router<AppState> {
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {
-    let text = app.metrics.render(&app.hub, app.store.stats(), &app.connections);
+    let text = app.metrics.render(&app.hub, app.store.stats(), app.bus.stats(), &app.connections);
     let mut response = text.into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
     response
 }
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(json!({ "status": "ok", "store": "ok", "bus": "in-process" }))
+/// The process is alive; the body says how its store and bus are doing.
+async fn healthz(State(app): State<AppState>) -> Json<serde_json::Value> {
+    let bus = if !app.bus.is_redis() {
+        "in-process"
+    } else if app.bus.stats().up.load(Ordering::Relaxed) {
+        "up"
+    } else {
+        "reconnecting"
+    };
+    let store = if app.store.is_shared() { "postgres" } else { "sqlite" };
+    Json(json!({ "status": "ok", "store": store, "bus": bus }))
 }
 
 async fn readyz(State(app): State<AppState>) -> Response {

@@ -34,7 +34,7 @@ async fn put_topic(
         require_content_type(&headers, &["application/json"], "application/json")?;
         let state = read_object(&app, &headers, body).await?;
         let precondition = precondition(&headers)?;
-        Ok(Write { topic, change: Change::Put(state), precondition })
+        Ok(Write { precondition, ..Write::new(topic, Change::Put(state)) })
     }
     .await;
     commit(&app, outcome).await
@@ -51,7 +51,7 @@ async fn patch_topic(
         require_content_type(&headers, &["application/merge-patch+json"], "application/merge-patch+json")?;
         let patch = read_object(&app, &headers, body).await?;
         let precondition = precondition(&headers)?;
-        Ok(Write { topic, change: Change::Patch(patch), precondition })
+        Ok(Write { precondition, ..Write::new(topic, Change::Patch(patch)) })
     }
     .await;
     commit(&app, outcome).await
@@ -62,11 +62,9 @@ async fn delete_topic(
     TopicPath(topic): TopicPath,
     headers: HeaderMap,
 ) -> Result<Json<PublishAck>, ApiError> {
-    let outcome = authorize(&app, &headers).and_then(|()| precondition(&headers)).map(|precondition| Write {
-        topic,
-        change: Change::Delete,
-        precondition,
-    });
+    let outcome = authorize(&app, &headers)
+        .and_then(|()| precondition(&headers))
+        .map(|precondition| Write { precondition, ..Write::new(topic, Change::Delete) });
     commit(&app, outcome).await
 }
 
@@ -80,6 +78,7 @@ async fn commit(app: &AppState, write: Result<Write, ApiError>) -> Result<Json<P
         Ok(snapshot) => {
             app.metrics.publishes_ok.fetch_add(1, Ordering::Relaxed);
             let ack = PublishAck::of(&snapshot);
+            app.bus.announce(&snapshot);
             app.hub.apply(snapshot);
             Ok(Json(ack))
         }
@@ -92,7 +91,8 @@ async fn commit(app: &AppState, write: Result<Write, ApiError>) -> Result<Json<P
             Err(match error {
                 WriteError::NotFound => ApiError::NotFound("topic does not exist"),
                 WriteError::PreconditionFailed { current } => ApiError::PreconditionFailed { current },
-                WriteError::Unavailable => ApiError::Unavailable,
+                // Only stream ingest sets a stream id; HTTP writes cannot be superseded.
+                WriteError::Unavailable | WriteError::Superseded => ApiError::Unavailable,
             })
         }
     }

@@ -36,9 +36,11 @@ use crate::topic::{Position, SubscribeError, Subscription, TopicName};
 /// before the connection is simply dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-/// tungstenite's read buffer: clients send almost nothing (pongs), so a small
-/// buffer saves ~124 KiB per connection against the 128 KiB default.
-const READ_BUFFER: usize = 4096;
+/// tungstenite's read buffer, allocated up front for every connection:
+/// clients send almost nothing (pongs, the odd subscribe), so a small buffer
+/// saves ~127 KiB per connection against the 128 KiB default. Larger client
+/// frames (up to the 4 KiB limit) are still read, in several chunks.
+const READ_BUFFER: usize = 512;
 
 pub(super) fn router() -> Router<AppState> {
     Router::new().route("/v1/topics/{topic}/ws", get(subscribe_one)).route("/v1/ws", get(subscribe_many))
@@ -234,7 +236,14 @@ impl<'a> Connection<'a> {
                         // dropping the socket with client data unread would
                         // send a reset that can destroy the close frame.
                     }
-                    Io::Flushed(Err(_)) | Io::Incoming(None) => break,
+                    // The client went away; nothing to count.
+                    Io::Incoming(None) => break,
+                    Io::Flushed(Err(_)) => {
+                        if self.closing.is_none() {
+                            self.app.metrics.cutoff(Cutoff::SocketError);
+                        }
+                        break;
+                    }
                     Io::Incoming(Some(Err(error))) => {
                         // tungstenite reports an oversized frame as a capacity
                         // error; anything else means the stream is broken.
@@ -245,6 +254,9 @@ impl<'a> Connection<'a> {
                             self.app.metrics.cutoff(Cutoff::TooBig);
                             self.close(&mut socket, close::TOO_BIG);
                         } else {
+                            if self.closing.is_none() {
+                                self.app.metrics.cutoff(Cutoff::SocketError);
+                            }
                             break;
                         }
                     }
@@ -366,7 +378,9 @@ impl<'a> Connection<'a> {
         }
         if self.in_flight_since.is_some() {
             // The socket is busy with a frame; the write timeout watches it.
+            // Postpone both clocks, or the timer would fire again at once.
             self.last_ping = now;
+            self.last_text = now;
             return;
         }
         if now >= self.last_text + heartbeat {

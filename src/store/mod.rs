@@ -1,7 +1,10 @@
 //! The durable store: assigns versions and acknowledges a write only after it
 //! is committed. Concurrent writes share commits (group commit): one task
-//! drains the queue of pending writes into one transaction per fsync.
+//! drains the queue of pending writes into one transaction per fsync. Two
+//! backends: SQLite (one hub, the embedded default) and PostgreSQL (any
+//! number of hubs; row locks make versions safe across them).
 
+mod postgres;
 mod sqlite;
 
 use std::path::Path;
@@ -24,6 +27,11 @@ pub const MAX_BATCH: usize = 256;
 /// How many writes may wait for the committer before publishers are made to
 /// wait for room (back-pressure instead of an unbounded queue).
 const QUEUE_DEPTH: usize = 4096;
+
+/// How long one commit may take before its writes are answered 503. The
+/// transaction may still commit afterwards; nothing was acknowledged, and the
+/// hubs pick the version up when they reconcile.
+const COMMIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What a write does to a topic's state.
 #[derive(Debug, Clone)]
@@ -54,6 +62,41 @@ pub struct Write {
     pub change: Change,
     /// An optional condition on the current row.
     pub precondition: Option<Precondition>,
+    /// For writes ingested from a Redis stream: the entry's id. A write whose
+    /// id is not above the last one applied to the topic is skipped, so a
+    /// redelivered or reordered entry never applies twice or goes backwards.
+    pub stream_id: Option<StreamId>,
+}
+
+impl Write {
+    /// A write with no precondition and no stream id.
+    pub fn new(topic: TopicName, change: Change) -> Self {
+        Self { topic, change, precondition: None, stream_id: None }
+    }
+}
+
+/// A Redis stream entry id, `MILLISECONDS-SEQUENCE`, ordered numerically.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StreamId {
+    /// The millisecond part.
+    pub ms: u64,
+    /// The sequence part.
+    pub seq: u64,
+}
+
+impl std::str::FromStr for StreamId {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (ms, seq) = s.split_once('-').ok_or(())?;
+        Ok(Self { ms: ms.parse().map_err(|_| ())?, seq: seq.parse().map_err(|_| ())? })
+    }
+}
+
+impl std::fmt::Display for StreamId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
 }
 
 /// Why a write was not applied. Nothing was changed in any of these cases.
@@ -68,6 +111,9 @@ pub enum WriteError {
         /// The topic's live position, if it has one.
         current: Option<Position>,
     },
+    /// A stream entry at or below the last one applied to the topic.
+    #[error("stream entry already superseded")]
+    Superseded,
     /// The store could not commit; the cause is logged, not shown.
     #[error("store unavailable")]
     Unavailable,
@@ -117,8 +163,9 @@ pub struct Store {
     /// The queue into the committer task; bounded, so a flood of publishes
     /// waits here instead of growing memory.
     jobs: mpsc::Sender<Job>,
-    /// The database, for reads outside the committer (start-up load).
-    db: sqlite::Db,
+    /// The database, for reads outside the committer (start-up load,
+    /// reconciliation).
+    db: Backend,
     /// Commit counters.
     stats: Arc<StoreStats>,
 }
@@ -134,6 +181,31 @@ impl std::fmt::Debug for Job {
 #[error("cannot open the store: {0}")]
 pub struct OpenError(#[from] sqlx::Error);
 
+/// The database behind the store.
+#[derive(Clone, Debug)]
+enum Backend {
+    /// One SQLite file (one hub).
+    Sqlite(sqlite::Db),
+    /// A PostgreSQL database (any number of hubs).
+    Postgres(postgres::Db),
+}
+
+impl Backend {
+    async fn commit(&self, writes: &[&Write], now_ms: u64) -> Result<Vec<WriteResult>, sqlx::Error> {
+        match self {
+            Self::Sqlite(db) => db.commit(writes, now_ms).await,
+            Self::Postgres(db) => db.commit(writes, now_ms).await,
+        }
+    }
+
+    async fn load_all(&self) -> Result<Vec<Snapshot>, sqlx::Error> {
+        match self {
+            Self::Sqlite(db) => db.load_all().await,
+            Self::Postgres(db) => db.load_all().await,
+        }
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) the SQLite database in `data_dir`, runs the
     /// migrations and starts the committer on `tasks`; it stops when
@@ -143,11 +215,27 @@ impl Store {
         tasks: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Result<Self, OpenError> {
-        let db = sqlite::Db::open(data_dir).await?;
+        let db = Backend::Sqlite(sqlite::Db::open(data_dir).await?);
+        Ok(Self::start(db, tasks, shutdown))
+    }
+
+    /// Connects to PostgreSQL at `url`, runs the migrations and starts the
+    /// committer, as `open_sqlite` does.
+    pub async fn open_postgres(url: &str, tasks: &TaskTracker, shutdown: CancellationToken) -> Result<Self, OpenError> {
+        let db = Backend::Postgres(postgres::Db::open(url).await?);
+        Ok(Self::start(db, tasks, shutdown))
+    }
+
+    fn start(db: Backend, tasks: &TaskTracker, shutdown: CancellationToken) -> Self {
         let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
         let stats = Arc::new(StoreStats::default());
         tasks.spawn(commit_loop(db.clone(), rx, Arc::clone(&stats), shutdown));
-        Ok(Self { jobs, db, stats })
+        Self { jobs, db, stats }
+    }
+
+    /// Whether this store can be shared by several hubs.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.db, Backend::Postgres(_))
     }
 
     /// Commits `write` and returns the new version. Resolves only after the
@@ -158,6 +246,29 @@ impl Store {
             return Err(WriteError::Unavailable);
         }
         answer.await.unwrap_or(Err(WriteError::Unavailable))
+    }
+
+    /// Commits several writes in order (they share commits with everything
+    /// else queued) and returns their results in the same order.
+    pub async fn write_many(&self, writes: Vec<Write>) -> Vec<WriteResult> {
+        let mut answers = Vec::with_capacity(writes.len());
+        for write in writes {
+            let (reply, answer) = oneshot::channel();
+            // Enqueued one after another, so the committer sees them in order.
+            if self.jobs.send(Job { write, reply }).await.is_err() {
+                answers.push(None);
+            } else {
+                answers.push(Some(answer));
+            }
+        }
+        let mut results = Vec::with_capacity(answers.len());
+        for answer in answers {
+            results.push(match answer {
+                Some(answer) => answer.await.unwrap_or(Err(WriteError::Unavailable)),
+                None => Err(WriteError::Unavailable),
+            });
+        }
+        results
     }
 
     /// Every topic's newest row (live or tombstone), for warming the hub.
@@ -172,7 +283,7 @@ impl Store {
 }
 
 /// Takes writes off the queue in batches, one transaction per batch.
-async fn commit_loop(db: sqlite::Db, mut rx: mpsc::Receiver<Job>, stats: Arc<StoreStats>, shutdown: CancellationToken) {
+async fn commit_loop(db: Backend, mut rx: mpsc::Receiver<Job>, stats: Arc<StoreStats>, shutdown: CancellationToken) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     loop {
         let first = tokio::select! {
@@ -191,7 +302,13 @@ async fn commit_loop(db: sqlite::Db, mut rx: mpsc::Receiver<Job>, stats: Arc<Sto
         }
         let now_ms = now_ms();
         let writes: Vec<&Write> = batch.iter().map(|j| &j.write).collect();
-        match db.commit(&writes, now_ms).await {
+        // A database that stops answering (a network cut that sends no reset)
+        // must turn into 503s, not a committer stuck forever.
+        let outcome = match tokio::time::timeout(COMMIT_TIMEOUT, db.commit(&writes, now_ms)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(sqlx::Error::PoolTimedOut),
+        };
+        match outcome {
             Ok(results) => {
                 stats.record_batch(batch.len());
                 for (job, result) in batch.drain(..).zip(results) {
@@ -223,6 +340,45 @@ struct Row {
     /// The state as JSON text; `None` for a tombstone. Parsed only when a
     /// merge patch needs it.
     state: Option<String>,
+    /// The last stream entry applied to this topic, if any.
+    stream_id: Option<StreamId>,
+}
+
+/// Evaluates a batch in order against `rows` (the current rows of every topic
+/// the batch touches, `None` where none exists), updating `rows` as it goes.
+/// Returns one result per write and the names whose rows changed.
+fn evaluate_batch<'w>(
+    writes: &[&'w Write],
+    rows: &mut std::collections::HashMap<&'w str, Option<Row>>,
+    now_ms: u64,
+) -> (Vec<WriteResult>, Vec<&'w str>) {
+    let mut results = Vec::with_capacity(writes.len());
+    let mut touched: Vec<&str> = Vec::new();
+    for write in writes {
+        let name = write.topic.as_str();
+        let current = rows.get(name).and_then(Option::as_ref);
+        match evaluate(write, current) {
+            Ok(next) => {
+                let snapshot = match &next.state {
+                    Some(state) => Snapshot::live(
+                        write.topic.clone(),
+                        next.epoch,
+                        next.version,
+                        now_ms,
+                        bytes::Bytes::from(state.clone()),
+                    ),
+                    None => Snapshot::tombstone(write.topic.clone(), next.epoch, next.version, now_ms),
+                };
+                rows.insert(name, Some(next));
+                if !touched.contains(&name) {
+                    touched.push(name);
+                }
+                results.push(Ok(snapshot));
+            }
+            Err(rejected) => results.push(Err(rejected)),
+        }
+    }
+    (results, touched)
 }
 
 /// Evaluates one write against the row as it stands inside the transaction.
@@ -234,6 +390,12 @@ fn evaluate(write: &Write, row: Option<&Row>) -> Result<Row, WriteError> {
             WriteError::Unavailable
         })
     };
+    if let (Some(id), Some(last)) = (write.stream_id, row.and_then(|r| r.stream_id))
+        && id <= last
+    {
+        return Err(WriteError::Superseded);
+    }
+    let stream_id = write.stream_id.or(row.and_then(|r| r.stream_id));
     let live = row.filter(|r| r.state.is_some());
     match (write.precondition, live) {
         (Some(Precondition::Exists), None) => return Err(WriteError::PreconditionFailed { current: None }),
@@ -248,10 +410,10 @@ fn evaluate(write: &Write, row: Option<&Row>) -> Result<Row, WriteError> {
     let next_version = row.map_or(1, |r| r.version + 1);
     match (&write.change, live) {
         (Change::Put(state), Some(live)) => {
-            Ok(Row { epoch: live.epoch, version: next_version, state: Some(to_text(state)?) })
+            Ok(Row { epoch: live.epoch, version: next_version, state: Some(to_text(state)?), stream_id })
         }
         (Change::Put(state), None) => {
-            Ok(Row { epoch: new_epoch(), version: next_version, state: Some(to_text(state)?) })
+            Ok(Row { epoch: new_epoch(), version: next_version, state: Some(to_text(state)?), stream_id })
         }
         (Change::Patch(patch), Some(live)) => {
             let stored = live.state.as_deref().unwrap_or("{}");
@@ -264,9 +426,9 @@ fn evaluate(write: &Write, row: Option<&Row>) -> Result<Row, WriteError> {
                 // A merge patch that is an object always leaves an object.
                 return Err(WriteError::Unavailable);
             };
-            Ok(Row { epoch: live.epoch, version: next_version, state: Some(to_text(&state)?) })
+            Ok(Row { epoch: live.epoch, version: next_version, state: Some(to_text(&state)?), stream_id })
         }
-        (Change::Delete, Some(live)) => Ok(Row { epoch: live.epoch, version: next_version, state: None }),
+        (Change::Delete, Some(live)) => Ok(Row { epoch: live.epoch, version: next_version, state: None, stream_id }),
         (Change::Patch(_) | Change::Delete, None) => Err(WriteError::NotFound),
     }
 }

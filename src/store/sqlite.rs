@@ -1,6 +1,6 @@
 //! The SQLite backend: one file in the data directory, WAL with
 //! `synchronous=FULL`, so a commit that returned survives `kill -9` and power
-//! loss alike.
+//! loss alike. One hub owns it.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -10,7 +10,7 @@ use bytes::Bytes;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row as _, SqlitePool};
 
-use super::{Row, Write, WriteError, WriteResult, evaluate};
+use super::{Row, Write, WriteResult, evaluate_batch};
 use crate::topic::{Epoch, Snapshot, TopicName};
 
 /// The database file's name inside the data directory.
@@ -38,8 +38,9 @@ impl Db {
     }
 
     pub(super) async fn load_all(&self) -> Result<Vec<Snapshot>, sqlx::Error> {
-        let rows =
-            sqlx::query("SELECT name, epoch, version, updated_ms, state FROM topics").fetch_all(&self.pool).await?;
+        let rows = sqlx::query("SELECT name, epoch, version, updated_ms, state FROM topics WHERE version > 0")
+            .fetch_all(&self.pool)
+            .await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let name: String = row.try_get("name")?;
@@ -64,57 +65,45 @@ impl Db {
     /// write (a rejected write changed nothing).
     pub(super) async fn commit(&self, writes: &[&Write], now_ms: u64) -> Result<Vec<WriteResult>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        // Rows already touched in this batch, so a topic written twice in one
-        // commit is read once.
         let mut rows: HashMap<&str, Option<Row>> = HashMap::new();
-        let mut results = Vec::with_capacity(writes.len());
         for write in writes {
             let name = write.topic.as_str();
-            if !rows.contains_key(name) {
-                let row = sqlx::query("SELECT epoch, version, state FROM topics WHERE name = ?")
-                    .bind(name)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                let row = match row {
-                    Some(r) => Some(Row {
-                        epoch: Epoch::from_u64(r.try_get::<i64, _>("epoch")? as u64),
-                        version: r.try_get::<i64, _>("version")? as u64,
-                        state: r.try_get("state")?,
-                    }),
-                    None => None,
-                };
-                rows.insert(name, row);
+            if rows.contains_key(name) {
+                continue;
             }
-            let current = rows.get(name).and_then(Option::as_ref);
-            match evaluate(write, current) {
-                Ok(next) => {
-                    sqlx::query(
-                        "INSERT INTO topics (name, epoch, version, updated_ms, state) VALUES (?, ?, ?, ?, ?) \
-                         ON CONFLICT (name) DO UPDATE SET epoch = excluded.epoch, version = excluded.version, \
-                         updated_ms = excluded.updated_ms, state = excluded.state",
-                    )
-                    .bind(name)
-                    .bind(next.epoch.as_u64() as i64)
-                    .bind(next.version as i64)
-                    .bind(now_ms as i64)
-                    .bind(next.state.as_deref())
-                    .execute(&mut *tx)
-                    .await?;
-                    let snapshot = match &next.state {
-                        Some(state) => Snapshot::live(
-                            write.topic.clone(),
-                            next.epoch,
-                            next.version,
-                            now_ms,
-                            Bytes::from(state.clone()),
-                        ),
-                        None => Snapshot::tombstone(write.topic.clone(), next.epoch, next.version, now_ms),
-                    };
-                    rows.insert(name, Some(next));
-                    results.push(Ok(snapshot));
-                }
-                Err(rejected) => results.push(Err::<Snapshot, WriteError>(rejected)),
-            }
+            let row = sqlx::query("SELECT epoch, version, state, stream_id FROM topics WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let row = match row {
+                Some(r) => Some(Row {
+                    epoch: Epoch::from_u64(r.try_get::<i64, _>("epoch")? as u64),
+                    version: r.try_get::<i64, _>("version")? as u64,
+                    state: r.try_get("state")?,
+                    stream_id: r.try_get::<Option<String>, _>("stream_id")?.and_then(|s| s.parse().ok()),
+                }),
+                None => None,
+            };
+            rows.insert(name, row);
+        }
+        let (results, touched) = evaluate_batch(writes, &mut rows, now_ms);
+        // Only each touched topic's final row is written, however many
+        // writes of the batch went to it.
+        for name in touched {
+            let Some(Some(row)) = rows.get(name) else { continue };
+            sqlx::query(
+                "INSERT INTO topics (name, epoch, version, updated_ms, state, stream_id) VALUES (?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT (name) DO UPDATE SET epoch = excluded.epoch, version = excluded.version, \
+                 updated_ms = excluded.updated_ms, state = excluded.state, stream_id = excluded.stream_id",
+            )
+            .bind(name)
+            .bind(row.epoch.as_u64() as i64)
+            .bind(row.version as i64)
+            .bind(now_ms as i64)
+            .bind(row.state.as_deref())
+            .bind(row.stream_id.map(|id| id.to_string()))
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(results)

@@ -26,7 +26,7 @@ async fn open() -> (Store, tempfile::TempDir, CancellationToken, TaskTracker) {
 }
 
 fn write(topic: &str, change: Change) -> Write {
-    Write { topic: TopicName::parse(topic).expect("valid"), change, precondition: None }
+    Write::new(TopicName::parse(topic).expect("valid"), change)
 }
 
 #[tokio::test]

@@ -4,7 +4,9 @@
 mod harness;
 
 mod durability;
+mod multihub;
 mod publish;
 mod readers;
+mod services;
 mod slow_readers;
 mod transports;

@@ -1,0 +1,270 @@
+//! Command-line flags.
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+use serde::Serialize;
+
+use crate::plan::{Profile, TransportKind};
+
+/// The named scenarios. `storm` (mass reconnect after a drop or deploy) and
+/// `multi-hub` (several hubs over PostgreSQL and Redis, RSS of each) come
+/// next; the result already lists hubs as an array for that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Scenario {
+    /// Hold N connections open; server RSS and kernel memory per connection.
+    Idle,
+    /// N fast readers over T topics, a publisher at R updates/s per topic.
+    Fanout,
+    /// The seed's night: fanout with a mix of slow readers (default 20% stalled).
+    SlowReaders,
+    /// Acknowledged durable publishes per second with concurrent publishers.
+    Publish,
+}
+
+/// spillway-bench: load generator for spillway (or any server reachable
+/// through URL templates). Loopback only.
+#[derive(Debug, Clone, Parser, Serialize)]
+#[command(name = "spillway-bench", version, about)]
+pub(crate) struct Args {
+    /// The scenario to run.
+    #[arg(value_enum)]
+    pub(crate) scenario: Scenario,
+
+    /// Readers (connections) to open. Default: 1000 (0 for `publish`).
+    #[arg(long, short = 'n')]
+    pub(crate) readers: Option<usize>,
+    /// Topics the readers are spread over.
+    #[arg(long, short = 't', default_value_t = 10)]
+    pub(crate) topics: usize,
+    /// Updates per second per topic.
+    #[arg(long, short = 'r', default_value_t = 20.0)]
+    pub(crate) rate: f64,
+    /// Size of each published state (bytes; KiB and MiB suffixes work).
+    #[arg(long, short = 'b', default_value = "1KiB", value_parser = parse_bytes)]
+    pub(crate) payload: usize,
+    /// Seconds of publishing (idle: of holding). Default by scenario: idle
+    /// 10, fanout 30, slow-readers 60, publish 20.
+    #[arg(long, short = 'd')]
+    pub(crate) duration: Option<f64>,
+    /// Seconds at the start of publishing whose latencies are not recorded.
+    #[arg(long, default_value_t = 2.0)]
+    pub(crate) warmup: f64,
+    /// Reader mix by percentage, e.g. `fast=80,stalled=20` or
+    /// `fast=70,3g=10,stalled=10,flapping=10`. Default: `fast=100`, and for
+    /// slow-readers the seed's 20% slow: `fast=80,stalled=20`.
+    #[arg(long)]
+    pub(crate) mix: Option<String>,
+    /// Concurrent publishers for `publish`.
+    #[arg(long, default_value_t = 16)]
+    pub(crate) publishers: usize,
+    /// Idle: seconds to wait after the last connection before measuring.
+    #[arg(long, default_value_t = 5.0)]
+    pub(crate) settle: f64,
+    /// After the last publish, how long live readers get to reach the final
+    /// version before they count as stale (milliseconds).
+    #[arg(long, default_value_t = 5000)]
+    pub(crate) freshness_grace_ms: u64,
+    /// Reader transport.
+    #[arg(long, value_enum, default_value = "ws")]
+    pub(crate) transport: TransportKind,
+
+    /// Start this server binary (spillway) on 127.0.0.1:0 with a temporary
+    /// data directory, and stop it at the end. Arguments after `--` are
+    /// passed to it. Default: `target/release/spillway` if neither this nor
+    /// `--url` is given.
+    #[arg(long)]
+    pub(crate) server_bin: Option<PathBuf>,
+    /// Extra arguments for the server (after `--`).
+    #[arg(last = true)]
+    pub(crate) server_args: Vec<String>,
+    /// Attach to a running server instead (`http://127.0.0.1:8080`).
+    #[arg(long)]
+    pub(crate) url: Option<String>,
+    /// PID of the attached server, for RSS and CPU figures.
+    #[arg(long)]
+    pub(crate) server_pid: Option<u32>,
+    /// Publish token (spillway: `--publish-token`).
+    #[arg(long, default_value = "bench-token-0123456789", env = "SPILLWAY_BENCH_TOKEN", hide_env_values = true)]
+    #[serde(skip)]
+    pub(crate) token: String,
+    /// Subscription URL template; `{topic}` is replaced. Default:
+    /// `ws://ADDR/v1/topics/{topic}/ws`.
+    #[arg(long)]
+    pub(crate) subscribe_url: Option<String>,
+    /// Publish URL template; `{topic}` is replaced. Default:
+    /// `http://ADDR/v1/topics/{topic}`.
+    #[arg(long)]
+    pub(crate) publish_url: Option<String>,
+    /// HTTP method for publishing.
+    #[arg(long, default_value = "PUT")]
+    pub(crate) publish_method: String,
+    /// Extra publish header `Name: value` (repeatable).
+    #[arg(long)]
+    pub(crate) publish_header: Vec<String>,
+    /// Prefix of topic names (`PREFIX-0`, `PREFIX-1`, …).
+    #[arg(long, default_value = "bench")]
+    pub(crate) topic_prefix: String,
+
+    /// Worker processes holding the readers. Default: enough for
+    /// `--per-worker` readers each.
+    #[arg(long)]
+    pub(crate) workers: Option<usize>,
+    /// Most readers per worker process (a process may hold 20,000 files).
+    #[arg(long, default_value_t = 15_000)]
+    pub(crate) per_worker: usize,
+    /// Runtime threads per worker. Default: cores / workers, at least 1.
+    #[arg(long)]
+    pub(crate) worker_threads: Option<usize>,
+    /// Readers per loopback source address (each address has its own
+    /// ephemeral port range). Keep it small: `bind(addr, 0)` searches the
+    /// address's port space, and at 10,000 ports per address that search made
+    /// handshakes 6x slower (330/s against 2,100/s at 1,000).
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) conns_per_source: u32,
+    /// Do not bind readers to 127.10.x.y source addresses.
+    #[arg(long)]
+    pub(crate) no_source_spread: bool,
+    /// Handshakes in flight at once, per worker.
+    #[arg(long, default_value_t = 128)]
+    pub(crate) connect_concurrency: usize,
+    /// The client's WebSocket read buffer (bytes).
+    #[arg(long, default_value = "4KiB", value_parser = parse_bytes)]
+    pub(crate) read_buffer: usize,
+    /// `SO_RCVBUF` of 3G and stalled readers (bytes; the kernel doubles it).
+    #[arg(long, default_value = "4KiB", value_parser = parse_bytes)]
+    pub(crate) slow_rcvbuf: usize,
+    /// 3G readers' bandwidth (bytes per second): 48KiB is 384 kbit/s.
+    #[arg(long, default_value = "48KiB", value_parser = parse_bytes)]
+    pub(crate) bandwidth: usize,
+    /// Flapping readers' connection lifetime range (milliseconds).
+    #[arg(long, default_value_t = 2000)]
+    pub(crate) flap_min_ms: u64,
+    #[arg(long, default_value_t = 10_000)]
+    pub(crate) flap_max_ms: u64,
+    /// Reconnect backoff with full jitter: base and cap (milliseconds).
+    #[arg(long, default_value_t = 500)]
+    pub(crate) backoff_base_ms: u64,
+    #[arg(long, default_value_t = 30_000)]
+    pub(crate) backoff_cap_ms: u64,
+    /// Stalled readers resume reading after this many seconds, see their
+    /// cut-off, reconnect and stall again. Default: stall until the end.
+    #[arg(long)]
+    pub(crate) stall_resume: Option<f64>,
+    /// Seed for the reader shuffle (profiles over topics and workers).
+    #[arg(long, default_value_t = 7)]
+    pub(crate) seed: u64,
+
+    /// Write the JSON result here.
+    #[arg(long, short = 'o')]
+    pub(crate) out: Option<PathBuf>,
+    /// Write the SVG chart here. Default: beside `--out`, with `.svg`.
+    #[arg(long)]
+    pub(crate) svg: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long, short = 'q')]
+    pub(crate) quiet: bool,
+    /// Sampling interval of RSS, CPU and latency (milliseconds).
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) sample_ms: u64,
+    /// Interval of `ss` samples of kernel socket memory (seconds; it costs
+    /// CPU with many sockets).
+    #[arg(long, default_value_t = 5.0)]
+    pub(crate) ss_every: f64,
+}
+
+impl Args {
+    pub(crate) fn readers(&self) -> usize {
+        self.readers.unwrap_or(match self.scenario {
+            Scenario::Publish => 0,
+            _ => 1000,
+        })
+    }
+
+    pub(crate) fn duration(&self) -> f64 {
+        self.duration.unwrap_or(match self.scenario {
+            Scenario::Idle => 10.0,
+            Scenario::Fanout => 30.0,
+            Scenario::SlowReaders => 60.0,
+            Scenario::Publish => 20.0,
+        })
+    }
+
+    /// The mix as (profile, percent) pairs summing to 100.
+    pub(crate) fn mix(&self) -> Result<Vec<(Profile, f64)>, String> {
+        let raw = self.mix.clone().unwrap_or_else(|| match self.scenario {
+            Scenario::SlowReaders => "fast=80,stalled=20".into(),
+            _ => "fast=100".into(),
+        });
+        let mut out: Vec<(Profile, f64)> = Vec::new();
+        for part in raw.split(',').filter(|p| !p.trim().is_empty()) {
+            let (name, pct) = part.split_once('=').ok_or_else(|| format!("mix entry {part:?}: use NAME=PERCENT"))?;
+            let profile = Profile::parse(name)
+                .ok_or_else(|| format!("unknown profile {name:?} (fast, 3g, stalled, flapping)"))?;
+            let pct: f64 =
+                pct.trim().trim_end_matches('%').parse().map_err(|_| format!("bad percentage in {part:?}"))?;
+            if !(0.0..=100.0).contains(&pct) {
+                return Err(format!("percentage out of range in {part:?}"));
+            }
+            out.push((profile, pct));
+        }
+        let total: f64 = out.iter().map(|(_, p)| p).sum();
+        if (total - 100.0).abs() > 0.01 {
+            return Err(format!("the mix sums to {total}%, not 100%"));
+        }
+        Ok(out)
+    }
+}
+
+/// Parses `65536`, `64KiB`, `1MiB` (also `k`/`KB` meaning KiB).
+pub(crate) fn parse_bytes(raw: &str) -> Result<usize, String> {
+    let raw = raw.trim();
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (digits, unit) = raw.split_at(split);
+    let n: usize = digits.parse().map_err(|_| format!("not a size: {raw:?}"))?;
+    let factor = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        "m" | "mb" | "mib" => 1024 * 1024,
+        other => return Err(format!("unknown size unit {other:?} (use B, KiB or MiB)")),
+    };
+    n.checked_mul(factor).ok_or_else(|| format!("size too large: {raw:?}"))
+}
+
+/// Splits `readers` by the mix (largest remainder), in mix order.
+pub(crate) fn split_counts(readers: usize, mix: &[(Profile, f64)]) -> Vec<(Profile, usize)> {
+    let exact: Vec<f64> = mix.iter().map(|(_, p)| readers as f64 * p / 100.0).collect();
+    let mut counts: Vec<usize> = exact.iter().map(|e| e.floor() as usize).collect();
+    let mut left = readers.saturating_sub(counts.iter().sum());
+    let mut order: Vec<usize> = (0..mix.len()).collect();
+    order.sort_by(|&a, &b| (exact[b] - exact[b].floor()).total_cmp(&(exact[a] - exact[a].floor())));
+    for i in order.into_iter().cycle().take(mix.len() * 2) {
+        if left == 0 {
+            break;
+        }
+        counts[i] += 1;
+        left -= 1;
+    }
+    mix.iter().zip(counts).map(|((p, _), n)| (*p, n)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mixes_split_exactly() {
+        let mix = vec![(Profile::Fast, 80.0), (Profile::Stalled, 20.0)];
+        assert_eq!(split_counts(2000, &mix), vec![(Profile::Fast, 1600), (Profile::Stalled, 400)]);
+        let thirds = vec![(Profile::Fast, 33.3), (Profile::ThreeG, 33.3), (Profile::Flapping, 33.4)];
+        assert_eq!(split_counts(10, &thirds).iter().map(|(_, n)| n).sum::<usize>(), 10);
+    }
+
+    #[test]
+    fn default_mix_is_the_seeds() {
+        let args = Args::parse_from(["spillway-bench", "slow-readers"]);
+        assert_eq!(args.mix(), Ok(vec![(Profile::Fast, 80.0), (Profile::Stalled, 20.0)]));
+        assert!(Args::parse_from(["spillway-bench", "fanout", "--mix", "fast=50"]).mix().is_err());
+    }
+}

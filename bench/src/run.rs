@@ -1,0 +1,542 @@
+//! The coordinator: starts (or attaches to) the server, spreads the readers
+//! over worker processes, publishes, samples the server, and assembles the
+//! result.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use crate::cli::{Args, Scenario, split_counts};
+use crate::fleet::Fleet;
+use crate::hist::{Summary, new_hist};
+use crate::plan::{Command, Profile, ProfileKnobs, ReaderSpec, WorkerPlan, WorkerResult};
+use crate::procfs::{self, SsSample};
+use crate::publisher::{self, PubStats, Publisher};
+use crate::server::{self, Server};
+use crate::sys::FileLimits;
+use crate::worker::now_ns;
+
+/// One point of the time series.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct Point {
+    pub(crate) t_s: f64,
+    pub(crate) phase: &'static str,
+    pub(crate) server_rss_bytes: Option<u64>,
+    pub(crate) server_cpu_cores: Option<f64>,
+    pub(crate) connected: u64,
+    pub(crate) frames_per_s: f64,
+    pub(crate) publishes_per_s: f64,
+    pub(crate) fast_p50_ms: Option<f64>,
+    pub(crate) fast_p99_ms: Option<f64>,
+    pub(crate) fast_max_ms: Option<f64>,
+    pub(crate) kernel_bytes: Option<u64>,
+}
+
+/// Everything the sampler sees, shared with the phases.
+#[derive(Debug, Default)]
+struct Samples {
+    phase: &'static str,
+    points: Vec<Point>,
+    ss: Vec<(f64, SsSample)>,
+}
+
+/// A snapshot of the server at one moment.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct Moment {
+    t_s: f64,
+    rss_bytes: Option<u64>,
+    cpu_s: Option<f64>,
+    #[serde(skip)]
+    metrics: Option<BTreeMap<String, f64>>,
+}
+
+struct Ctx {
+    start: Instant,
+    pid: Option<u32>,
+    port: u16,
+    publisher: Arc<Publisher>,
+    base_url: String,
+    topics: Vec<String>,
+    ticks_per_s: u64,
+    samples: Arc<Mutex<Samples>>,
+    pub_stats: Arc<PubStats>,
+    bar: ProgressBar,
+}
+
+impl Ctx {
+    fn t(&self) -> f64 {
+        self.start.elapsed().as_secs_f64()
+    }
+
+    async fn moment(&self) -> Moment {
+        Moment {
+            t_s: self.t(),
+            rss_bytes: self.pid.and_then(procfs::rss_bytes),
+            cpu_s: self.pid.and_then(|p| procfs::cpu_seconds(p, self.ticks_per_s)),
+            metrics: server::scrape(self.publisher.client(), &self.base_url).await,
+        }
+    }
+
+    async fn ss_now(&self) -> Option<SsSample> {
+        let port = self.port;
+        let sample = tokio::task::spawn_blocking(move || procfs::ss_sample(port)).await.ok().flatten()?;
+        self.samples.lock().unwrap_or_else(PoisonError::into_inner).ss.push((self.t(), sample.clone()));
+        Some(sample)
+    }
+
+    fn phase(&self, phase: &'static str, len: u64) {
+        self.samples.lock().unwrap_or_else(PoisonError::into_inner).phase = phase;
+        self.bar.set_prefix(phase);
+        self.bar.set_length(len);
+        self.bar.set_position(0);
+    }
+}
+
+fn bar(quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(1);
+    if let Ok(style) = ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos:>6}/{len:6} {elapsed:>4} {msg}") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+/// Runs the scenario and returns the JSON result.
+pub(crate) async fn run(args: Args, limits: Option<FileLimits>) -> Result<Value, String> {
+    let mix = args.mix()?;
+    let readers = args.readers();
+    if args.topics == 0 {
+        return Err("--topics must be at least 1".into());
+    }
+    let start = Instant::now();
+    let loadavg_start = crate::report::loadavg();
+    let started_unix_ms = now_ns() / 1_000_000;
+    let mut server = Server::start_or_attach(&args).await?;
+    let outcome = run_with_server(&args, &server, start, started_unix_ms, limits, &mix, readers, loadavg_start).await;
+    if outcome.is_err() && server.spawned {
+        eprintln!("server log (last lines):\n{}", server.tail());
+    }
+    server.stop().await;
+    outcome
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_with_server(
+    args: &Args,
+    server: &Server,
+    start: Instant,
+    started_unix_ms: u64,
+    limits: Option<FileLimits>,
+    mix: &[(Profile, f64)],
+    readers: usize,
+    loadavg_start: Option<[f64; 3]>,
+) -> Result<Value, String> {
+    let addr = server.addr;
+    let base_url = format!("http://{addr}");
+    let subscribe_template =
+        args.subscribe_url.clone().unwrap_or_else(|| format!("ws://{addr}/v1/topics/{{topic}}/ws"));
+    let publish_template = args.publish_url.clone().unwrap_or_else(|| format!("{base_url}/v1/topics/{{topic}}"));
+    let connect_addr = server::loopback_addr_of_url(&subscribe_template.replace("{topic}", "x")).await?;
+    server::loopback_addr_of_url(&publish_template.replace("{topic}", "x")).await?;
+    let publisher = Arc::new(Publisher::new(
+        publish_template.clone(),
+        &args.publish_method,
+        &args.token,
+        &args.publish_header,
+        args.payload,
+    )?);
+    let topic_count = if args.scenario == Scenario::Publish { args.topics.max(args.publishers) } else { args.topics };
+    let topics: Vec<String> = (0..topic_count).map(|i| format!("{}-{i}", args.topic_prefix)).collect();
+    let ctx = Ctx {
+        start,
+        pid: server.pid,
+        port: server.addr.port(),
+        publisher,
+        base_url,
+        topics,
+        ticks_per_s: crate::sys::clock_ticks_per_second(),
+        samples: Arc::new(Mutex::new(Samples { phase: "start", ..Samples::default() })),
+        pub_stats: Arc::new(PubStats::new(topic_count)),
+        bar: bar(args.quiet),
+    };
+
+    // Every topic exists (sequence 0) before the readers come.
+    ctx.phase("topics", topic_count as u64);
+    for (i, topic) in ctx.topics.iter().enumerate() {
+        if !ctx.publisher.publish(&ctx.pub_stats, i, topic, 0).await {
+            let errors = ctx.pub_stats.errors.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            return Err(format!("cannot create topic {topic} through {publish_template}: {errors:?}"));
+        }
+        ctx.bar.inc(1);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = ctx.moment().await;
+    let ss_before = ctx.ss_now().await;
+
+    // Readers, spread over worker processes.
+    let profiles = assign_profiles(readers, mix, args.seed);
+    let workers =
+        if readers == 0 { 0 } else { args.workers.unwrap_or(readers.div_ceil(args.per_worker.max(1))).max(1) };
+    let nproc = std::thread::available_parallelism().map_or(1, usize::from);
+    let threads = args.worker_threads.unwrap_or((nproc / workers.max(1)).max(1));
+    let knobs = ProfileKnobs {
+        read_buffer: args.read_buffer,
+        slow_rcvbuf: u32::try_from(args.slow_rcvbuf).unwrap_or(u32::MAX),
+        bandwidth: args.bandwidth as u64,
+        flap_min_ms: args.flap_min_ms,
+        flap_max_ms: args.flap_max_ms,
+        backoff_base_ms: args.backoff_base_ms,
+        backoff_cap_ms: args.backoff_cap_ms,
+        stall_resume_ms: args.stall_resume.map(|s| (s * 1000.0) as u64),
+    };
+    let urls: Vec<String> = ctx.topics.iter().map(|t| subscribe_template.replace("{topic}", t)).collect();
+    let mut plans: Vec<WorkerPlan> = (0..workers)
+        .map(|w| WorkerPlan {
+            worker: w,
+            transport: args.transport,
+            connect_addr: connect_addr.to_string(),
+            urls: urls.clone(),
+            readers: Vec::new(),
+            connect_concurrency: args.connect_concurrency,
+            knobs: knobs.clone(),
+            tick_ms: (args.sample_ms / 4).clamp(100, 1000),
+            threads,
+        })
+        .collect();
+    let mut in_profile: BTreeMap<Profile, u32> = BTreeMap::new();
+    for (i, profile) in profiles.iter().enumerate() {
+        let k = in_profile.entry(*profile).or_default();
+        let source = (!args.no_source_spread).then(|| profile.source_ip(*k / args.conns_per_source.max(1)));
+        *k += 1;
+        plans[i % workers.max(1)].readers.push(ReaderSpec {
+            topic: (i % args.topics) as u32,
+            profile: *profile,
+            source,
+        });
+    }
+
+    let stop_sampler = Arc::new(AtomicBool::new(false));
+    let mut fleet = if workers > 0 { Some(Fleet::spawn(plans).await?) } else { None };
+    let fleet_view = fleet.as_ref().map(|f| Arc::clone(&f.state));
+    let sampler = tokio::spawn(sample_loop(
+        ctx.pid,
+        ctx.ticks_per_s,
+        ctx.start,
+        Arc::clone(&ctx.samples),
+        fleet_view,
+        Arc::clone(&ctx.pub_stats),
+        Arc::clone(&stop_sampler),
+        args.sample_ms,
+        ctx.bar.clone(),
+    ));
+    let ss_task =
+        tokio::spawn(ss_loop(ctx.port, ctx.start, Arc::clone(&ctx.samples), Arc::clone(&stop_sampler), args.ss_every));
+
+    // Connect phase.
+    let mut connect = json!(null);
+    let mut connected_moment = before.clone();
+    let mut ss_connected = ss_before.clone();
+    if let Some(fleet) = &fleet {
+        ctx.phase("connecting", readers as u64);
+        let began = Instant::now();
+        let limit = Duration::from_secs_f64((readers as f64 / 50.0).max(60.0));
+        let mut last_progress = (0, Instant::now());
+        let mut done_at = None;
+        loop {
+            let t = fleet.totals();
+            ctx.bar.set_position(t.handshakes.min(readers as u64));
+            if t.initial_done_ms > 0 {
+                done_at = Some(Duration::from_millis(t.initial_done_ms));
+                break;
+            }
+            if t.handshakes + t.connect_failures != last_progress.0 {
+                last_progress = (t.handshakes + t.connect_failures, Instant::now());
+            }
+            if began.elapsed() > limit || last_progress.1.elapsed() > Duration::from_secs(20) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let t = fleet.totals();
+        let secs = done_at.unwrap_or_else(|| began.elapsed()).as_secs_f64();
+        connect = json!({
+            "readers": readers,
+            "workers": workers,
+            "worker_pids": fleet.pids(),
+            "threads_per_worker": threads,
+            "handshakes": t.handshakes,
+            "failures": t.connect_failures,
+            "all_connected": done_at.is_some(),
+            "seconds": secs,
+            "handshakes_per_s": if secs > 0.0 { t.handshakes.min(readers as u64) as f64 / secs } else { 0.0 },
+        });
+        if done_at.is_none() || t.connect_failures > 0 {
+            eprintln!(
+                "warning: only {} of {readers} readers connected ({} failures)",
+                t.handshakes, t.connect_failures
+            );
+        }
+        let settle = if args.scenario == Scenario::Idle { args.settle } else { 2.0 };
+        ctx.phase("settling", (settle * 10.0) as u64);
+        let settle_until = Instant::now() + Duration::from_secs_f64(settle);
+        while Instant::now() < settle_until {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            ctx.bar.inc(1);
+        }
+        connected_moment = ctx.moment().await;
+        ss_connected = ctx.ss_now().await;
+    }
+    let connected_now = fleet.as_ref().map_or(0, |f| f.totals().connected);
+
+    // The measured phase.
+    let duration = args.duration();
+    let run_start = ctx.moment().await;
+    let run_started_ns = now_ns();
+    if let Some(fleet) = fleet.as_mut() {
+        let from = run_started_ns + (args.warmup * 1e9) as u64;
+        fleet.send(&Command::Measure { from_unix_ns: from }).await;
+    }
+    ctx.phase(
+        match args.scenario {
+            Scenario::Idle => "holding",
+            Scenario::Publish => "publishing",
+            _ => "publishing",
+        },
+        duration.ceil() as u64,
+    );
+    let until = Instant::now() + Duration::from_secs_f64(duration);
+    let mut tasks = Vec::new();
+    match args.scenario {
+        Scenario::Idle => {}
+        Scenario::Fanout | Scenario::SlowReaders => {
+            for (i, topic) in ctx.topics.iter().enumerate() {
+                tasks.push(tokio::spawn(publisher::at_rate(
+                    Arc::clone(&ctx.publisher),
+                    Arc::clone(&ctx.pub_stats),
+                    i,
+                    topic.clone(),
+                    args.rate,
+                    until,
+                    1,
+                )));
+            }
+        }
+        Scenario::Publish => {
+            for p in 0..args.publishers.max(1) {
+                let i = p % ctx.topics.len();
+                tasks.push(tokio::spawn(publisher::flood(
+                    Arc::clone(&ctx.publisher),
+                    Arc::clone(&ctx.pub_stats),
+                    i,
+                    ctx.topics[i].clone(),
+                    until,
+                )));
+            }
+        }
+    }
+    let acked_before = ctx.pub_stats.acked.load(Ordering::Relaxed);
+    let ack_hist_before = ctx.pub_stats.ack.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    let interrupted = tokio::select! {
+        () = tokio::time::sleep_until(until) => false,
+        _ = tokio::signal::ctrl_c() => true,
+    };
+    for task in tasks {
+        if interrupted {
+            task.abort();
+        }
+        let _ = task.await;
+    }
+    let run_secs = (run_start.t_s - ctx.t()).abs();
+    let run_end = ctx.moment().await;
+    let ss_end = ctx.ss_now().await;
+    let acked_run = ctx.pub_stats.acked.load(Ordering::Relaxed) - acked_before;
+
+    // Freshness: tell the workers the final sequence numbers.
+    ctx.phase("finishing", 1);
+    let finals: Vec<u64> = ctx.pub_stats.last_acked.iter().map(|a| a.load(Ordering::Relaxed)).collect();
+    let last_sent: Vec<u64> = ctx.pub_stats.last_sent_ns.iter().map(|a| a.load(Ordering::Relaxed)).collect();
+    let results: Vec<WorkerResult> = match fleet.as_mut() {
+        Some(f) => {
+            f.send(&Command::Finish { finals, last_publish_unix_ns: last_sent, grace_ms: args.freshness_grace_ms })
+                .await;
+            match fleet.take() {
+                Some(f) => f.collect(Duration::from_millis(args.freshness_grace_ms) + Duration::from_secs(60)).await,
+                None => Vec::new(),
+            }
+        }
+        None => Vec::new(),
+    };
+    stop_sampler.store(true, Ordering::Relaxed);
+    let _ = sampler.await;
+    let _ = ss_task.await;
+    ctx.bar.finish_and_clear();
+    if interrupted {
+        eprintln!("interrupted: the figures cover a shortened run");
+    }
+
+    let samples = std::mem::take(&mut *ctx.samples.lock().unwrap_or_else(PoisonError::into_inner));
+    let ack_run = {
+        let all = ctx.pub_stats.ack.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let mut run = all.clone();
+        let _ = run.subtract(&ack_hist_before);
+        run
+    };
+    Ok(crate::report::assemble(crate::report::Inputs {
+        args,
+        limits,
+        started_unix_ms,
+        server,
+        readers,
+        mix,
+        connect,
+        before: &before,
+        ss_before: ss_before.as_ref(),
+        connected: &connected_moment,
+        connected_now,
+        ss_connected: ss_connected.as_ref(),
+        run_start: &run_start,
+        run_end: &run_end,
+        ss_end: ss_end.as_ref(),
+        run_secs,
+        acked_run,
+        ack_run: &ack_run,
+        pub_stats: &ctx.pub_stats,
+        results: &results,
+        samples: &samples.points,
+        ss_samples: &samples.ss,
+        interrupted,
+        loadavg_start,
+    }))
+}
+
+impl Moment {
+    pub(crate) fn metric(&self, series: &str) -> Option<f64> {
+        self.metrics.as_ref()?.get(series).copied()
+    }
+
+    pub(crate) fn metrics_with_prefix(&self, prefix: &str) -> BTreeMap<String, f64> {
+        self.metrics
+            .as_ref()
+            .map(|m| m.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(k, v)| (k.clone(), *v)).collect())
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn rss(&self) -> Option<u64> {
+        self.rss_bytes
+    }
+
+    pub(crate) fn cpu(&self) -> Option<f64> {
+        self.cpu_s
+    }
+
+    pub(crate) fn t(&self) -> f64 {
+        self.t_s
+    }
+}
+
+/// Profiles for `readers` readers by the mix, shuffled (seeded) so that
+/// every topic and every worker gets the mix.
+fn assign_profiles(readers: usize, mix: &[(Profile, f64)], seed: u64) -> Vec<Profile> {
+    let mut out = Vec::with_capacity(readers);
+    for (profile, n) in split_counts(readers, mix) {
+        out.extend(std::iter::repeat_n(profile, n));
+    }
+    fastrand::Rng::with_seed(seed).shuffle(&mut out);
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn sample_loop(
+    pid: Option<u32>,
+    ticks_per_s: u64,
+    start: Instant,
+    samples: Arc<Mutex<Samples>>,
+    fleet: Option<Arc<Mutex<crate::fleet::FleetState>>>,
+    pub_stats: Arc<PubStats>,
+    stop: Arc<AtomicBool>,
+    every_ms: u64,
+    bar: ProgressBar,
+) {
+    let every = Duration::from_millis(every_ms.max(100));
+    let mut last_t = start.elapsed().as_secs_f64();
+    let mut last_cpu = pid.and_then(|p| procfs::cpu_seconds(p, ticks_per_s));
+    let mut last_frames = 0u64;
+    let mut last_acked = pub_stats.acked.load(Ordering::Relaxed);
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(every).await;
+        let t = start.elapsed().as_secs_f64();
+        let dt = (t - last_t).max(1e-3);
+        let cpu = pid.and_then(|p| procfs::cpu_seconds(p, ticks_per_s));
+        let cores = match (cpu, last_cpu) {
+            (Some(now), Some(before)) => Some((now - before) / dt),
+            _ => None,
+        };
+        let (connected, frames, interval): (u64, u64, Histogram<u64>) = match &fleet {
+            Some(state) => {
+                let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
+                let connected = s.ticks.iter().map(|t| t.connected).sum();
+                let frames = s.ticks.iter().map(|t| t.frames).sum();
+                (connected, frames, std::mem::replace(&mut s.interval, new_hist()))
+            }
+            None => (0, 0, new_hist()),
+        };
+        let acked = pub_stats.acked.load(Ordering::Relaxed);
+        let lat = (!interval.is_empty()).then(|| Summary::of(&interval));
+        let mut s = samples.lock().unwrap_or_else(PoisonError::into_inner);
+        let kernel = s.ss.last().map(|(_, ss)| ss.total.bytes);
+        let point = Point {
+            t_s: t,
+            phase: s.phase,
+            server_rss_bytes: pid.and_then(procfs::rss_bytes),
+            server_cpu_cores: cores,
+            connected,
+            frames_per_s: frames.saturating_sub(last_frames) as f64 / dt,
+            publishes_per_s: acked.saturating_sub(last_acked) as f64 / dt,
+            fast_p50_ms: lat.map(|l| l.p50_ms),
+            fast_p99_ms: lat.map(|l| l.p99_ms),
+            fast_max_ms: lat.map(|l| l.max_ms),
+            kernel_bytes: kernel,
+        };
+        let phase = s.phase;
+        bar.set_message(format!(
+            "conn {} | {:.0} frames/s | {:.0} pub/s | p99 {} | rss {}",
+            point.connected,
+            point.frames_per_s,
+            point.publishes_per_s,
+            point.fast_p99_ms.map_or("-".into(), |v| format!("{v:.1} ms")),
+            point.server_rss_bytes.map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0)),
+        ));
+        if matches!(phase, "holding" | "publishing") {
+            bar.inc(every.as_secs_f64().round().max(1.0) as u64);
+        }
+        s.points.push(point);
+        drop(s);
+        last_t = t;
+        last_cpu = cpu;
+        last_frames = frames;
+        last_acked = acked;
+    }
+}
+
+async fn ss_loop(port: u16, start: Instant, samples: Arc<Mutex<Samples>>, stop: Arc<AtomicBool>, every_s: f64) {
+    if every_s <= 0.0 {
+        return;
+    }
+    let every = Duration::from_secs_f64(every_s.max(0.5));
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(every).await;
+        let t = start.elapsed().as_secs_f64();
+        if let Ok(Some(sample)) = tokio::task::spawn_blocking(move || procfs::ss_sample(port)).await {
+            samples.lock().unwrap_or_else(PoisonError::into_inner).ss.push((t, sample));
+        }
+    }
+}
