@@ -16,13 +16,12 @@ use crate::bus::{Bus, RedisConfig};
 use crate::config::{Config, Secret};
 use crate::http::{AppState, Settings, router};
 use crate::metrics::{Connections, Metrics};
-use crate::net::Peer;
 use crate::store::{OpenError, Store};
 use crate::topic::Hub;
 
-/// How long shutdown waits for connections to say goodbye before it stops
-/// waiting. Each WebSocket needs at most its close grace; this is the bound
-/// for the whole set.
+/// How long shutdown waits, beyond the drain window, for connections to say
+/// goodbye before it stops waiting. Each reader is told to go at its moment
+/// in the window and then needs at most its close grace.
 const SHUTDOWN_BOUND: Duration = Duration::from_secs(5);
 
 /// Why the server could not start.
@@ -136,6 +135,11 @@ impl Application {
             allowed_origins: (!config.allow_origins.is_empty() && !config.allow_origins.iter().any(|o| o == "*"))
                 .then(|| config.allow_origins.iter().map(|o| o.trim_end_matches('/').to_string()).collect()),
             disable_websocket: config.disable_websocket,
+            header_timeout: config.header_timeout,
+            trusted_proxies: config.trusted_proxies.clone(),
+            max_topics: config.max_topics,
+            max_staleness: config.max_staleness,
+            drain_window: config.drain_window,
         };
         let listener = TcpListener::bind(config.listen)
             .await
@@ -148,6 +152,12 @@ impl Application {
             settings: Arc::new(settings),
             metrics: Arc::new(Metrics::default()),
             connections: Arc::new(Connections::default()),
+            admission: crate::admission::Admission::new(
+                config.max_connections,
+                config.max_connections_per_ip,
+                config.accept_rate,
+                config.accept_burst,
+            ),
             shutdown,
             tasks,
         };
@@ -177,6 +187,7 @@ impl Application {
         tracing::info!("listening on {local_addr}");
         let shutdown = state.shutdown.clone();
         let tasks = state.tasks.clone();
+        let drain_window = state.settings.drain_window;
         let trigger = shutdown.clone();
         tokio::spawn(async move {
             stop.await;
@@ -187,13 +198,12 @@ impl Application {
             tasks.spawn(crate::demo::run(state.store.clone(), state.hub.clone(), state.bus.clone(), shutdown.clone()));
             tracing::info!("demo mode: a simulated match is live at http://{local_addr}/t/demo");
         }
-        let app = router(state).into_make_service_with_connect_info::<Peer>();
-        let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
-        // axum's graceful shutdown waits for open requests but not for
-        // upgraded WebSockets; those watch the token and are tracked here.
-        let result = served.await;
+        // Returns once the token has fired and accepting has stopped; every
+        // connection is a task in `tasks`, so the wait below covers them too.
+        let header_timeout = state.settings.header_timeout;
+        let result = crate::server::run(listener, router(state), header_timeout, shutdown.clone(), tasks.clone()).await;
         tasks.close();
-        if tokio::time::timeout(SHUTDOWN_BOUND, tasks.wait()).await.is_err() {
+        if tokio::time::timeout(drain_window + SHUTDOWN_BOUND, tasks.wait()).await.is_err() {
             tracing::warn!(remaining = tasks.len(), "shutdown bound reached; dropping what is left");
         }
         tracing::info!("stopped");

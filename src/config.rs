@@ -62,7 +62,7 @@ pub enum LogFormat {
 pub struct Config {
     /// Address to listen on. Port 0 picks a free port; the log then says
     /// `listening on ADDR`.
-    #[arg(long, env = "SPILLWAY_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "SPILLWAY_LISTEN", default_value = "127.0.0.1:8080", global = true)]
     pub listen: SocketAddr,
 
     /// PostgreSQL URL (`postgres://user@host/db`): keep topics there instead
@@ -153,9 +153,63 @@ pub struct Config {
     #[arg(long, env = "SPILLWAY_DISABLE_WEBSOCKET")]
     pub disable_websocket: bool,
 
+    /// Most reader connections (WebSocket, SSE, waiting long-polls) at once;
+    /// the excess is turned away before the upgrade with a reconnect hint.
+    #[arg(long, env = "SPILLWAY_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+
+    /// Most reader connections from one client address (0 = no cap: carrier
+    /// NAT puts thousands of phones behind one address).
+    #[arg(long, env = "SPILLWAY_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    pub max_connections_per_ip: usize,
+
+    /// New subscriptions admitted per second (a token bucket); readers that
+    /// resume (a valid `since`) are served first when tokens are short.
+    #[arg(long, env = "SPILLWAY_ACCEPT_RATE", default_value_t = 2000)]
+    pub accept_rate: u32,
+
+    /// Burst size of the subscription token bucket.
+    #[arg(long, env = "SPILLWAY_ACCEPT_BURST", default_value_t = 4000)]
+    pub accept_burst: u32,
+
+    /// Peers whose `X-Forwarded-For` is believed for the client address
+    /// (load balancers); repeat or separate with commas.
+    #[arg(long = "trusted-proxy", env = "SPILLWAY_TRUSTED_PROXY", value_delimiter = ',')]
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+
+    /// Most topics the hub holds; a publish creating one more is refused.
+    #[arg(long, env = "SPILLWAY_MAX_TOPICS", default_value_t = 100_000)]
+    pub max_topics: usize,
+
+    /// A reader whose newest delivered version has been superseded for
+    /// longer than this is cut off: it is looking at a stale board.
+    #[arg(long, env = "SPILLWAY_MAX_STALENESS", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub max_staleness: Duration,
+
+    /// On SIGTERM, readers are told to reconnect at moments spread uniformly
+    /// over this window, so a deploy causes no reconnect storm.
+    #[arg(long, env = "SPILLWAY_DRAIN_WINDOW", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub drain_window: Duration,
+
+    /// Time allowed to read a request's headers (slowloris protection).
+    #[arg(long, env = "SPILLWAY_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_timeout: Duration,
+
     /// Log format.
     #[arg(long, env = "SPILLWAY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    /// A subcommand instead of running the server.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Checks that a server answers `/healthz` on --listen (for container
+    /// health checks; needs no curl). Exits 0 when healthy, 1 otherwise.
+    Healthcheck,
 }
 
 /// Bounds enforced by [`Config::validate`].
@@ -215,15 +269,21 @@ impl Config {
             return Err("--database-url must be a postgres:// URL".into());
         }
         if let Some(url) = &self.redis_url
-            && !(url.expose().starts_with("redis://") || url.expose().starts_with("rediss://"))
+            && !url.expose().starts_with("redis://")
         {
-            return Err("--redis-url must be a redis:// URL".into());
+            return Err("--redis-url must be a redis:// URL (TLS, rediss://, is not built in)".into());
         }
         let name_ok = |s: &str| {
             !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
         };
         if !name_ok(&self.redis_prefix) || self.hub_id.as_deref().is_some_and(|id| !name_ok(id)) {
             return Err("--redis-prefix and --hub-id take 1-64 characters of A-Z, a-z, 0-9, '-', '_', '.'".into());
+        }
+        if self.accept_rate == 0 || self.accept_burst == 0 || self.max_connections == 0 || self.max_topics == 0 {
+            return Err("--accept-rate, --accept-burst, --max-connections and --max-topics must be at least 1".into());
+        }
+        if self.drain_window > Duration::from_secs(600) {
+            return Err("--drain-window must be at most 600s".into());
         }
         if self.reconcile_interval < Duration::from_millis(100) {
             return Err("--reconcile-interval must be at least 100ms".into());

@@ -2,6 +2,7 @@
 //! topic; readers get the newest state, and a reader who cannot keep up costs
 //! the server one pointer. `ARCHITECTURE.md` is the map of this crate.
 
+pub mod admission;
 pub mod app;
 pub mod bus;
 pub mod config;
@@ -11,6 +12,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod net;
 pub mod protocol;
+pub mod server;
 pub mod store;
 pub mod telemetry;
 pub mod topic;

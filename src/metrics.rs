@@ -31,10 +31,13 @@ pub enum Cutoff {
     Shutdown = 5,
     /// The socket failed (reset, or the kernel's own timeout gave up on it).
     SocketError = 6,
+    /// The reader stayed behind the newest version for too long.
+    Stale = 7,
 }
 
 impl Cutoff {
-    const ALL: [Cutoff; 7] = [
+    const ALL: [Cutoff; 8] = [
+        Cutoff::Stale,
         Cutoff::WriteStall,
         Cutoff::HeartbeatLost,
         Cutoff::Policy,
@@ -54,6 +57,7 @@ impl Cutoff {
             Cutoff::Deleted => "deleted",
             Cutoff::Shutdown => "shutdown",
             Cutoff::SocketError => "socket_error",
+            Cutoff::Stale => "stale",
         }
     }
 }
@@ -86,6 +90,9 @@ impl Transport {
     }
 }
 
+/// Process-wide counters. Shared through `Arc`; every field is a relaxed
+/// atomic because each is an independent tally and no reader needs them to
+/// agree with one another at an instant.
 #[derive(Debug, Default)]
 pub struct Metrics {
     /// Reader connections open now, by transport.
@@ -93,7 +100,7 @@ pub struct Metrics {
     /// Reader connections accepted since start, by transport.
     accepted: [AtomicU64; 3],
     /// Cut-offs by reason, indexed by `Cutoff`.
-    cutoffs: [AtomicU64; 7],
+    cutoffs: [AtomicU64; 8],
     /// State frames (snapshot, deleted) written to readers.
     pub deliveries: AtomicU64,
     /// Versions readers skipped (coalesced away).
@@ -140,7 +147,14 @@ impl Metrics {
     }
 
     /// Renders every figure in the Prometheus text format.
-    pub fn render(&self, hub: &Hub, store: &StoreStats, bus: &BusStats, connections: &Connections) -> String {
+    pub fn render(
+        &self,
+        hub: &Hub,
+        store: &StoreStats,
+        bus: &BusStats,
+        admission: &crate::admission::Admission,
+        connections: &Connections,
+    ) -> String {
         let mut out = String::with_capacity(4096);
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         for t in Transport::ALL {
@@ -204,6 +218,12 @@ impl Metrics {
             );
         }
         gauge(&mut out, "spillway_topics", "Topics with a live state.", &[], hub.live_count() as u64);
+        let help = "Subscriptions admitted and refused, by reason.";
+        counter(&mut out, "spillway_subscriptions_total", help, &[("result", "admitted")], load(&admission.admitted));
+        for why in crate::admission::Admission::REASONS {
+            let labels = [("result", "refused"), ("reason", why.label())];
+            counter(&mut out, "spillway_subscriptions_total", help, &labels, admission.refused(why));
+        }
         // The batch-size histogram, cumulative as Prometheus expects.
         let mut cumulative = 0;
         let _ = writeln!(out, "# HELP spillway_store_commit_batch_size Writes per store commit (group commit).");

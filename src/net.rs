@@ -4,11 +4,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
-
-use axum::extract::connect_info::Connected;
-use axum::serve::IncomingStream;
-use tokio::net::TcpListener;
+use std::os::fd::RawFd;
 
 /// The open-files limits before and after raising the soft one.
 #[derive(Debug, Clone, Copy)]
@@ -103,23 +99,12 @@ pub fn shutdown_socket(fd: RawFd) {
 
 /// What a handler knows about the TCP connection it is serving: the peer's
 /// address, and the socket, so a request that becomes a subscription can clamp
-/// its send buffer (ordinary requests keep the kernel's defaults).
+/// its send buffer (ordinary requests keep the kernel's defaults). The accept
+/// loop (`crate::server`) puts it into every request as `ConnectInfo<Peer>`.
 #[derive(Debug, Clone, Copy)]
 pub struct Peer {
     /// The remote address.
     pub addr: SocketAddr,
     /// The connection's socket. Valid while the request is being served.
     pub fd: RawFd,
-}
-
-impl Connected<IncomingStream<'_, TcpListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
-        // This runs once per accepted connection, before any request on it:
-        // the one place axum lets us touch the socket. Readers receive many
-        // small frames, so Nagle's delay would only add latency.
-        if let Err(error) = stream.io().set_nodelay(true) {
-            tracing::debug!(%error, "cannot set TCP_NODELAY");
-        }
-        Self { addr: *stream.remote_addr(), fd: stream.io().as_raw_fd() }
-    }
 }

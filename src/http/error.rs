@@ -54,6 +54,20 @@ pub enum ApiError {
     /// The server is shutting down or draining; retry elsewhere after the hint.
     #[error("the server is draining; reconnect after the hint")]
     Draining,
+    /// Admission control turned a subscription away; retry after the hint.
+    #[error("the server is at capacity for new subscriptions ({reason}); retry after the hint")]
+    Overloaded {
+        /// Which limit was reached.
+        reason: &'static str,
+        /// The jittered hint.
+        retry_after_ms: u64,
+    },
+    /// `--max-topics` reached: the publish would create one topic too many.
+    #[error("this hub holds its maximum number of topics ({limit}); delete one or raise --max-topics")]
+    TopicLimit {
+        /// The limit in force.
+        limit: usize,
+    },
     /// WebSocket upgrades are switched off (`--disable-websocket`).
     #[error("WebSocket is disabled on this server; use Server-Sent Events or long-poll")]
     WebSocketDisabled,
@@ -77,7 +91,10 @@ impl ApiError {
             Self::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             Self::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
             Self::OriginNotAllowed => StatusCode::FORBIDDEN,
-            Self::Unavailable | Self::Draining | Self::WebSocketDisabled => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable | Self::Draining | Self::WebSocketDisabled | Self::Overloaded { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::TopicLimit { .. } => StatusCode::INSUFFICIENT_STORAGE,
         }
     }
 
@@ -95,6 +112,8 @@ impl ApiError {
             Self::Unavailable => "unavailable",
             Self::Draining => "draining",
             Self::WebSocketDisabled => "websocket_disabled",
+            Self::Overloaded { .. } => "overloaded",
+            Self::TopicLimit { .. } => "topic_limit",
         }
     }
 }
@@ -106,6 +125,11 @@ impl IntoResponse for ApiError {
         match &self {
             Self::PreconditionFailed { current } => {
                 body["current"] = current.map_or(serde_json::Value::Null, |p| json!(p.to_string()));
+            }
+            Self::Overloaded { reason, retry_after_ms } => {
+                body["reason"] = json!(reason);
+                body["retry_after_ms"] = json!(retry_after_ms);
+                retry_after = Some(retry_after_ms.div_ceil(1000));
             }
             Self::Unavailable | Self::Draining | Self::WebSocketDisabled => {
                 let ms = jittered_ms(1000, 2000);

@@ -49,6 +49,16 @@ pub struct Settings {
     pub allowed_origins: Option<Vec<String>>,
     /// Refuse WebSocket upgrades (testing the clients' fallbacks).
     pub disable_websocket: bool,
+    /// Time a client has to send a request's headers (`crate::server` enforces it).
+    pub header_timeout: Duration,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Most live topics the hub holds.
+    pub max_topics: usize,
+    /// How long a reader may stay behind the newest version before it is cut off.
+    pub max_staleness: Duration,
+    /// Readers are told to reconnect at moments spread over this window on SIGTERM.
+    pub drain_window: Duration,
 }
 
 impl Settings {
@@ -61,6 +71,26 @@ impl Settings {
             return true;
         };
         allowed.iter().any(|a| a.eq_ignore_ascii_case(origin.trim_end_matches('/')))
+    }
+
+    /// Admits a subscription or says why not: the admission policy, for the
+    /// client address (from a trusted proxy's `X-Forwarded-For` if any).
+    pub fn admit(
+        &self,
+        admission: &Arc<crate::admission::Admission>,
+        peer: &crate::net::Peer,
+        headers: &axum::http::HeaderMap,
+        resuming: bool,
+    ) -> Result<crate::admission::Permit, crate::admission::Refused> {
+        let forwarded = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+        let ip = crate::admission::client_ip(peer.addr.ip(), forwarded, &self.trusted_proxies);
+        admission.admit(ip, resuming)
+    }
+
+    /// A moment in the drain window, drawn uniformly, at which a reader is
+    /// told to go (so a deploy spreads reconnects instead of causing a storm).
+    pub fn drain_delay(&self) -> Duration {
+        self.drain_window.mul_f64(fastrand::f64())
     }
 
     /// Prepares the socket of a request that becomes a subscription: clamps
@@ -92,6 +122,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Open reader connections.
     pub connections: Arc<Connections>,
+    /// Admission control for new subscriptions.
+    pub admission: Arc<crate::admission::Admission>,
     /// Fires when the server shuts down; every long-lived task watches it.
     pub shutdown: CancellationToken,
     /// Tracks long-lived tasks (WebSocket connections) so shutdown can wait

@@ -22,7 +22,7 @@ pub(super) fn router() -> Router<AppState> {
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {
-    let text = app.metrics.render(&app.hub, app.store.stats(), app.bus.stats(), &app.connections);
+    let text = app.metrics.render(&app.hub, app.store.stats(), app.bus.stats(), &app.admission, &app.connections);
     let mut response = text.into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
     response

@@ -71,9 +71,20 @@ async fn delete_topic(
 /// Commits a validated write, installs the new version in the hub and
 /// answers; or answers the validation error. Counts either way.
 async fn commit(app: &AppState, write: Result<Write, ApiError>) -> Result<Json<PublishAck>, ApiError> {
-    let write = write.inspect_err(|_| {
-        app.metrics.publishes_refused.fetch_add(1, Ordering::Relaxed);
-    })?;
+    let write = write
+        .and_then(|write| {
+            // A write that would create one topic too many is refused before
+            // the store sees it (re-creating a deleted topic counts as new).
+            let exists = app.hub.get(write.topic.as_str()).is_some_and(|t| t.live().is_some());
+            let limit = app.settings.max_topics;
+            if !exists && matches!(write.change, Change::Put(_)) && app.hub.live_count() >= limit {
+                return Err(ApiError::TopicLimit { limit });
+            }
+            Ok(write)
+        })
+        .inspect_err(|_| {
+            app.metrics.publishes_refused.fetch_add(1, Ordering::Relaxed);
+        })?;
     match app.store.write(write).await {
         Ok(snapshot) => {
             app.metrics.publishes_ok.fetch_add(1, Ordering::Relaxed);

@@ -88,12 +88,22 @@ async fn get_topic(
         Some(delivery) => Some(delivery),
         None if wait.is_zero() => None,
         None => {
+            // Only a poll that waits holds a place; it resumes by definition.
+            let _permit = app
+                .settings
+                .admit(&app.admission, &peer, &headers, true)
+                .map_err(|r| ApiError::Overloaded { reason: r.why.label(), retry_after_ms: r.retry_after_ms })?;
             app.settings.clamp_subscription_socket(&peer);
             let _waiting = app.metrics.open(Transport::LongPoll);
+            let drain = async {
+                app.shutdown.cancelled().await;
+                // Each waiting poll is answered at its own moment in the drain window.
+                tokio::time::sleep(app.settings.drain_delay()).await;
+            };
             tokio::select! {
                 () = subscription.ready() => subscription.take(),
                 () = tokio::time::sleep(wait) => None,
-                () = app.shutdown.cancelled() => return Err(ApiError::Draining),
+                () = drain => return Err(ApiError::Draining),
             }
         }
     };

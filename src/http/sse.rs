@@ -54,8 +54,10 @@ async fn events_one(
             })?),
             None => since_param(query.as_deref())?,
         };
+    let resuming = since.is_some();
     let subscription = Subscription::single(app.hub.follow(&topic, since));
-    open(app, peer, &headers, subscription, Framing::SseSingle, delta, topic.to_string())
+    let kind = Kind { framing: Framing::SseSingle, delta, resuming };
+    open(app, peer, &headers, subscription, kind, topic.to_string())
 }
 
 async fn events_many(
@@ -74,12 +76,14 @@ async fn events_many(
         }
     }
     let label = topics.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>().join(",");
+    let resuming = topics.iter().any(|(_, since)| since.is_some());
     let mut subscription = Subscription::multi(app.settings.max_topics_per_connection);
     for (name, since) in topics {
         // The list was checked against the limit already.
         let _ = subscription.add(app.hub.follow(&name, since));
     }
-    open(app, peer, &headers, subscription, Framing::SseMulti, delta, label)
+    let kind = Kind { framing: Framing::SseMulti, delta, resuming };
+    open(app, peer, &headers, subscription, kind, label)
 }
 
 fn last_event_id(headers: &HeaderMap) -> Option<String> {
@@ -105,16 +109,27 @@ fn parse_multi_id(id: &str) -> Result<Vec<(TopicName, Position)>, ApiError> {
         .collect()
 }
 
+/// What kind of stream a request asks for.
+#[derive(Debug, Clone, Copy)]
+struct Kind {
+    /// One topic (id `EPOCH:VERSION`) or several (`NAME=EPOCH:VERSION,…`).
+    framing: Framing,
+    /// `?delta=merge-patch`.
+    delta: bool,
+    /// The reader named positions it holds (admitted first when short).
+    resuming: bool,
+}
+
 /// Starts the event stream (or turns the reader away with a hint).
 fn open(
     app: AppState,
     peer: Peer,
     headers: &HeaderMap,
     subscription: Subscription,
-    framing: Framing,
-    delta: bool,
+    kind: Kind,
     label: String,
 ) -> Result<Response, ApiError> {
+    let Kind { framing, delta, resuming } = kind;
     if !app.settings.origin_allowed(headers) {
         return Err(ApiError::OriginNotAllowed);
     }
@@ -125,10 +140,17 @@ fn open(
         let body = turn_away("draining", retry_after_ms);
         return Ok(event_stream(Body::from(body)));
     }
+    let permit = match app.settings.admit(&app.admission, &peer, headers, resuming) {
+        Ok(permit) => permit,
+        // 200 with a hint, not 503: native EventSource never retries a 5xx.
+        Err(refused) => return Ok(event_stream(Body::from(turn_away("overload", refused.retry_after_ms)))),
+    };
     app.settings.clamp_subscription_socket(&peer);
     let stream = SseStream {
         guard: app.connections.register("sse", label, peer.addr),
         _open: app.metrics.open(Transport::Sse),
+        _permit: permit,
+        drain_at: None,
         app,
         subscription,
         framing,
@@ -186,6 +208,10 @@ struct SseStream {
     guard: ConnGuard,
     /// Counts the connection as open while the stream lives.
     _open: OpenGuard,
+    /// Holds the admission place while the stream lives.
+    _permit: crate::admission::Permit,
+    /// When shutdown began: this stream's moment in the drain window.
+    drain_at: Option<Instant>,
     /// When the last event was handed over: a `heartbeat` event goes out once
     /// nothing has been sent for the heartbeat interval.
     last_sent: Instant,
@@ -214,10 +240,15 @@ impl SseStream {
         loop {
             tokio::select! {
                 biased;
-                () = shutdown.cancelled() => {
+                () = shutdown.cancelled(), if self.drain_at.is_none() => {
+                    // Each reader leaves at its own moment in the drain window.
+                    self.drain_at = Some(Instant::now() + self.app.settings.drain_delay());
+                    continue;
+                }
+                () = sleep_until(self.drain_at.unwrap_or_else(Instant::now)), if self.drain_at.is_some() => {
                     self.app.metrics.cutoff(Cutoff::Shutdown);
                     self.phase = Phase::Done;
-                    return Some(turn_away("shutdown", self.retry_after_ms));
+                    return Some(turn_away("drain", self.retry_after_ms));
                 }
                 () = self.subscription.ready() => {
                     let Some(delivery) = self.subscription.take() else { continue };
@@ -275,10 +306,7 @@ impl SseStream {
                 self.phase = Phase::Done;
                 return false;
             }
-            tokio::select! {
-                () = sleep(GATE_POLL) => {}
-                () = self.app.shutdown.cancelled() => break,
-            }
+            sleep(GATE_POLL).await;
         }
         self.gated = false;
         self.guard.stats.pending.store(0, std::sync::atomic::Ordering::Relaxed);

@@ -57,8 +57,9 @@ async fn subscribe_one(
     let since = since_param(query.as_deref())?;
     let delta = wants_delta(query.as_deref())?;
     let upgrade = upgrade.map_err(|_| ApiError::UpgradeRequired)?;
+    let resuming = since.is_some();
     let subscription = Subscription::single(app.hub.follow(&topic, since));
-    accept(app, peer, &headers, upgrade, subscription, Mode { delta, multi: false }, topic.to_string())
+    accept(app, peer, &headers, upgrade, subscription, Mode { delta, multi: false, resuming }, topic.to_string())
 }
 
 async fn subscribe_many(
@@ -71,13 +72,14 @@ async fn subscribe_many(
     let topics = topic_list(query.as_deref(), app.settings.max_topics_per_connection)?;
     let delta = wants_delta(query.as_deref())?;
     let upgrade = upgrade.map_err(|_| ApiError::UpgradeRequired)?;
+    let resuming = topics.iter().any(|(_, since)| since.is_some());
     let mut subscription = Subscription::multi(app.settings.max_topics_per_connection);
     let label = topics.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>().join(",");
     for (name, since) in topics {
         // The list was checked against the limit already.
         let _ = subscription.add(app.hub.follow(&name, since));
     }
-    accept(app, peer, &headers, upgrade, subscription, Mode { delta, multi: true }, label)
+    accept(app, peer, &headers, upgrade, subscription, Mode { delta, multi: true, resuming }, label)
 }
 
 /// Checks the origin, clamps the socket and upgrades.
@@ -99,6 +101,12 @@ fn accept(
     if app.settings.disable_websocket {
         return Err(ApiError::WebSocketDisabled);
     }
+    // Admission comes before the upgrade and before any per-connection state
+    // beyond the request itself: a storm is turned away cheaply.
+    let permit = app
+        .settings
+        .admit(&app.admission, &peer, headers, mode.resuming)
+        .map_err(|r| ApiError::Overloaded { reason: r.why.label(), retry_after_ms: r.retry_after_ms })?;
     // This request becomes a subscription: from here on the socket only
     // carries states we can drop, so keep the kernel from hoarding them.
     app.settings.clamp_subscription_socket(&peer);
@@ -115,6 +123,7 @@ fn accept(
             let connection = Connection::new(&app, subscription, mode, Arc::clone(&guard.stats));
             connection.run(socket).await;
             drop(open);
+            drop(permit);
             drop(tracked);
         }))
 }
@@ -127,6 +136,8 @@ struct Mode {
     /// `/v1/ws`: several topics, client messages manage them, a deleted topic
     /// is dropped instead of closing the connection.
     multi: bool,
+    /// The reader named positions it holds (it is reconnecting).
+    resuming: bool,
 }
 
 /// A message a client may send on `/v1/ws`.
@@ -177,6 +188,9 @@ struct Connection<'a> {
     last_ping: Instant,
     /// Pings sent and not answered.
     unanswered_pings: u32,
+    /// Since when the reader has been continuously behind the newest
+    /// version (a newer one was due each time a frame finished).
+    behind_since: Option<Instant>,
     closing: Option<Closing>,
 }
 
@@ -193,6 +207,7 @@ impl<'a> Connection<'a> {
             last_text: Instant::now(),
             last_ping: Instant::now(),
             unanswered_pings: 0,
+            behind_since: None,
             closing: None,
         }
     }
@@ -210,6 +225,7 @@ impl<'a> Connection<'a> {
         let mut timer = std::pin::pin!(timer);
 
         self.send(&mut socket, text(protocol::hello(heartbeat)), false);
+        let mut drain_at: Option<Instant> = None;
         loop {
             let in_flight = self.in_flight_since.is_some();
             let write_deadline = match (self.closing, self.in_flight_since) {
@@ -220,16 +236,23 @@ impl<'a> Connection<'a> {
             };
             tokio::select! {
                 biased;
-                () = shutdown.cancelled(), if self.closing.is_none() => {
+                () = shutdown.cancelled(), if self.closing.is_none() && drain_at.is_none() => {
+                    // Each reader leaves at its own moment in the drain window.
+                    drain_at = Some(Instant::now() + self.app.settings.drain_delay());
+                }
+                () = sleep_until(drain_at.unwrap_or_else(Instant::now)), if drain_at.is_some() && self.closing.is_none() => {
                     self.app.metrics.cutoff(Cutoff::Shutdown);
+                    let notice = protocol::notice_frame("drain", self.retry_after_ms);
+                    self.send(&mut socket, text(notice), false);
                     self.close(&mut socket, close::GOING_AWAY);
                 }
                 io = next_io(&mut socket, in_flight) => match io {
                     Io::Flushed(Ok(())) => {
-                        self.in_flight_since = None;
+                        let started = self.in_flight_since.take();
                         if self.state_in_flight {
                             self.state_in_flight = false;
                             self.stats.pending.store(0, Ordering::Relaxed);
+                            self.check_staleness(&mut socket, started);
                         }
                         // Once the close frame is out, wait (within the grace)
                         // for the client's close or its end of the stream:
@@ -365,6 +388,25 @@ impl<'a> Connection<'a> {
         self.app.metrics.cutoff(Cutoff::Policy);
         self.send(socket, text(frame), false);
         self.close(socket, close::POLICY);
+    }
+
+    /// After a state frame went out: if a newer version is already due, the
+    /// reader is behind; cut it off once it has been behind for longer than
+    /// `--max-staleness` without a break.
+    fn check_staleness<S: Sink<Message, Error = axum::Error> + Unpin>(
+        &mut self,
+        socket: &mut S,
+        started: Option<Instant>,
+    ) {
+        if self.closing.is_some() || !self.subscription.is_due() {
+            self.behind_since = None;
+            return;
+        }
+        let since = *self.behind_since.get_or_insert(started.unwrap_or_else(Instant::now));
+        if since.elapsed() > self.app.settings.max_staleness {
+            self.app.metrics.cutoff(Cutoff::Stale);
+            self.close(socket, close::STALE);
+        }
     }
 
     /// Sends what the heartbeat timer says is due: a ping every interval (two

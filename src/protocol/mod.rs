@@ -31,6 +31,10 @@ pub mod close {
     pub const WRITE_STALL: u16 = 4001;
     /// Two heartbeat pings went unanswered.
     pub const HEARTBEAT_LOST: u16 = 4002;
+    /// The reader stayed behind the newest version for longer than
+    /// `--max-staleness`: it is looking at a stale board and is better off
+    /// reconnecting.
+    pub const STALE: u16 = 4003;
     /// The request was malformed (for example a bad `since`).
     pub const BAD_REQUEST: u16 = 4400;
 }

@@ -98,6 +98,11 @@ impl Subscription {
         self.followers.iter().map(|f| (f.topic().name(), f.held()))
     }
 
+    /// Whether some delivery is due now (the reader is behind).
+    pub fn is_due(&self) -> bool {
+        self.followers.iter().any(Follower::is_due)
+    }
+
     /// The next delivery due, taking topics in turn.
     pub fn take(&mut self) -> Option<Delivery> {
         let n = self.followers.len();

@@ -5,8 +5,10 @@ mod harness;
 
 mod durability;
 mod multihub;
+mod ops;
 mod publish;
 mod readers;
 mod services;
 mod slow_readers;
+mod storm;
 mod transports;

@@ -238,7 +238,16 @@ async fn hubs_reconnect_to_redis_and_converge_after_an_outage() {
 
     // The hubs' Redis connections are killed on the server side.
     let mut admin = redis().await;
-    let clients: String = redis::cmd("CLIENT").arg("LIST").query_async(&mut admin).await.expect("client list");
+    // Wait until both hubs are back on Redis (h1 reconnects with backoff
+    // after the cut), so there is something to kill.
+    let mut clients = String::new();
+    for _ in 0..100 {
+        clients = redis::cmd("CLIENT").arg("LIST").query_async(&mut admin).await.expect("client list");
+        if clients.lines().filter(|l| l.contains(&format!("name={name}:")) && l.contains(":bus-sub")).count() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let mut killed = 0;
     for line in clients.lines().filter(|l| l.contains(&format!("name={name}:"))) {
         if let Some(id) = line.split(' ').find_map(|f| f.strip_prefix("id=")) {
