@@ -40,7 +40,8 @@ RUN touch src/main.rs src/lib.rs \
  && cp target/release/spillway /usr/local/bin/spillway
 
 FROM debian:bookworm-slim
-# ca-certificates for rediss:// and TLS to PostgreSQL. Versions are not
+# ca-certificates for when TLS to Redis or PostgreSQL is built in (not yet:
+# rediss:// is refused at start). Versions are not
 # pinned: the Debian security archive replaces them, and a pin would break the
 # build on the next point release.
 # hadolint ignore=DL3008

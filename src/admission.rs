@@ -101,6 +101,18 @@ impl Admission {
         if self.open.load(Ordering::Relaxed) >= self.max_connections {
             return refuse(Refusal::Full, 2000);
         }
+        // The per-address cap first: a refusal there must not use a token.
+        if self.per_ip_cap > 0 {
+            let mut per_ip = self.per_ip.lock().unwrap_or_else(PoisonError::into_inner);
+            let count = per_ip.entry(ip).or_insert(0);
+            if *count >= self.per_ip_cap {
+                drop(per_ip);
+                return refuse(Refusal::PerIp, 5000);
+            }
+            *count += 1;
+        }
+        // From here on a refusal gives the per-address place back.
+        let permit = Permit { admission: Arc::clone(self), ip };
         {
             let mut bucket = self.bucket.lock().unwrap_or_else(PoisonError::into_inner);
             let now = Instant::now();
@@ -113,22 +125,16 @@ impl Admission {
                 // kind of reader, spread so the storm does not return at once.
                 let wait_ms = ((floor - bucket.tokens) / self.rate * 1000.0).ceil() as u64;
                 drop(bucket);
+                // Not counted as open yet: undo only the per-address count.
+                self.open.fetch_add(1, Ordering::Relaxed);
+                drop(permit);
                 return refuse(Refusal::Rate, wait_ms.max(250));
             }
             bucket.tokens -= 1.0;
         }
-        if self.per_ip_cap > 0 {
-            let mut per_ip = self.per_ip.lock().unwrap_or_else(PoisonError::into_inner);
-            let count = per_ip.entry(ip).or_insert(0);
-            if *count >= self.per_ip_cap {
-                drop(per_ip);
-                return refuse(Refusal::PerIp, 5000);
-            }
-            *count += 1;
-        }
         self.open.fetch_add(1, Ordering::Relaxed);
         self.admitted.fetch_add(1, Ordering::Relaxed);
-        Ok(Permit { admission: Arc::clone(self), ip })
+        Ok(permit)
     }
 
     /// Refusals so far for `why`.

@@ -75,7 +75,7 @@ impl Application {
         } else {
             tracing::info!(topics = count, data_dir = %config.data_dir.display(), "store opened (SQLite, WAL, synchronous=FULL)");
         }
-        let hub_id = config.hub_id.clone().unwrap_or_else(|| format!("hub-{:08x}", fastrand::u32(..)));
+        let hub_id = config.hub_id.clone().unwrap_or_else(default_hub_id);
         let bus = match &config.redis_url {
             Some(url) => {
                 let redis = RedisConfig { url: url.expose().to_string(), prefix: config.redis_prefix.clone(), hub_id };
@@ -209,6 +209,17 @@ impl Application {
         tracing::info!("stopped");
         result
     }
+}
+
+/// The host's name (stable across restarts in containers and on machines,
+/// so the stream consumer group does not collect a new consumer per
+/// restart), reduced to the characters Redis names allow; random if there is
+/// none.
+fn default_hub_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host: String =
+        host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')).take(64).collect();
+    if host.is_empty() { format!("hub-{:08x}", fastrand::u32(..)) } else { host }
 }
 
 /// A random 32-hex-digit publish token.

@@ -81,7 +81,7 @@ pub struct Config {
     pub redis_prefix: String,
 
     /// This hub's name in Redis client names and stream consumer groups
-    /// (default: random).
+    /// (default: the host name). Give every hub a distinct one.
     #[arg(long, env = "SPILLWAY_HUB_ID")]
     pub hub_id: Option<String>,
 
@@ -281,6 +281,9 @@ impl Config {
         }
         if self.accept_rate == 0 || self.accept_burst == 0 || self.max_connections == 0 || self.max_topics == 0 {
             return Err("--accept-rate, --accept-burst, --max-connections and --max-topics must be at least 1".into());
+        }
+        if self.header_timeout < limits::MIN_INTERVAL || self.max_staleness < limits::MIN_INTERVAL {
+            return Err(format!("--header-timeout and --max-staleness must be at least {:?}", limits::MIN_INTERVAL));
         }
         if self.drain_window > Duration::from_secs(600) {
             return Err("--drain-window must be at most 600s".into());

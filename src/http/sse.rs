@@ -54,10 +54,9 @@ async fn events_one(
             })?),
             None => since_param(query.as_deref())?,
         };
-    let resuming = since.is_some();
-    let subscription = Subscription::single(app.hub.follow(&topic, since));
-    let kind = Kind { framing: Framing::SseSingle, delta, resuming };
-    open(app, peer, &headers, subscription, kind, topic.to_string())
+    let kind = Kind { framing: Framing::SseSingle, delta, resuming: since.is_some() };
+    let label = topic.to_string();
+    open(app, peer, &headers, vec![(topic, since)], kind, label)
 }
 
 async fn events_many(
@@ -77,13 +76,8 @@ async fn events_many(
     }
     let label = topics.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>().join(",");
     let resuming = topics.iter().any(|(_, since)| since.is_some());
-    let mut subscription = Subscription::multi(app.settings.max_topics_per_connection);
-    for (name, since) in topics {
-        // The list was checked against the limit already.
-        let _ = subscription.add(app.hub.follow(&name, since));
-    }
     let kind = Kind { framing: Framing::SseMulti, delta, resuming };
-    open(app, peer, &headers, subscription, kind, label)
+    open(app, peer, &headers, topics, kind, label)
 }
 
 fn last_event_id(headers: &HeaderMap) -> Option<String> {
@@ -125,7 +119,7 @@ fn open(
     app: AppState,
     peer: Peer,
     headers: &HeaderMap,
-    subscription: Subscription,
+    topics: Vec<(TopicName, Option<Position>)>,
     kind: Kind,
     label: String,
 ) -> Result<Response, ApiError> {
@@ -146,6 +140,7 @@ fn open(
         Err(refused) => return Ok(event_stream(Body::from(turn_away("overload", refused.retry_after_ms)))),
     };
     app.settings.clamp_subscription_socket(&peer);
+    let subscription = super::ws::subscribe(&app, topics, framing == Framing::SseMulti);
     let stream = SseStream {
         guard: app.connections.register("sse", label, peer.addr),
         _open: app.metrics.open(Transport::Sse),

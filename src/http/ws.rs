@@ -58,8 +58,8 @@ async fn subscribe_one(
     let delta = wants_delta(query.as_deref())?;
     let upgrade = upgrade.map_err(|_| ApiError::UpgradeRequired)?;
     let resuming = since.is_some();
-    let subscription = Subscription::single(app.hub.follow(&topic, since));
-    accept(app, peer, &headers, upgrade, subscription, Mode { delta, multi: false, resuming }, topic.to_string())
+    let label = topic.to_string();
+    accept(app, peer, &headers, upgrade, vec![(topic, since)], Mode { delta, multi: false, resuming }, label)
 }
 
 async fn subscribe_many(
@@ -73,13 +73,8 @@ async fn subscribe_many(
     let delta = wants_delta(query.as_deref())?;
     let upgrade = upgrade.map_err(|_| ApiError::UpgradeRequired)?;
     let resuming = topics.iter().any(|(_, since)| since.is_some());
-    let mut subscription = Subscription::multi(app.settings.max_topics_per_connection);
     let label = topics.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>().join(",");
-    for (name, since) in topics {
-        // The list was checked against the limit already.
-        let _ = subscription.add(app.hub.follow(&name, since));
-    }
-    accept(app, peer, &headers, upgrade, subscription, Mode { delta, multi: true, resuming }, label)
+    accept(app, peer, &headers, upgrade, topics, Mode { delta, multi: true, resuming }, label)
 }
 
 /// Checks the origin, clamps the socket and upgrades.
@@ -88,7 +83,7 @@ fn accept(
     peer: Peer,
     headers: &HeaderMap,
     upgrade: WebSocketUpgrade,
-    subscription: Subscription,
+    topics: Vec<(TopicName, Option<Position>)>,
     mode: Mode,
     label: String,
 ) -> Result<Response, ApiError> {
@@ -107,6 +102,9 @@ fn accept(
         .settings
         .admit(&app.admission, &peer, headers, mode.resuming)
         .map_err(|r| ApiError::Overloaded { reason: r.why.label(), retry_after_ms: r.retry_after_ms })?;
+    // Only an admitted reader touches the hub (a new topic name takes its
+    // write lock to create a placeholder).
+    let subscription = subscribe(&app, topics, mode.multi);
     // This request becomes a subscription: from here on the socket only
     // carries states we can drop, so keep the kernel from hoarding them.
     app.settings.clamp_subscription_socket(&peer);
@@ -126,6 +124,19 @@ fn accept(
             drop(permit);
             drop(tracked);
         }))
+}
+
+/// The subscription for a connection's initial topics.
+pub(super) fn subscribe(app: &AppState, topics: Vec<(TopicName, Option<Position>)>, multi: bool) -> Subscription {
+    if !multi && let [(name, since)] = topics.as_slice() {
+        return Subscription::single(app.hub.follow(name, *since));
+    }
+    let mut subscription = Subscription::multi(app.settings.max_topics_per_connection);
+    for (name, since) in topics {
+        // The list was checked against the limit already.
+        let _ = subscription.add(app.hub.follow(&name, since));
+    }
+    subscription
 }
 
 /// What kind of connection this is.
