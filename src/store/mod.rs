@@ -433,6 +433,21 @@ fn evaluate(write: &Write, row: Option<&Row>) -> Result<Row, WriteError> {
     }
 }
 
+/// A stored row as a snapshot (live, or a tombstone when `state` is NULL);
+/// `None`, with a warning, for a name that is not a valid topic name.
+fn stored_snapshot(name: String, epoch: i64, version: i64, updated_ms: i64, state: Option<String>) -> Option<Snapshot> {
+    let Ok(topic) = TopicName::parse(&name) else {
+        tracing::warn!(name, "skipping a stored topic with an invalid name");
+        return None;
+    };
+    // Integers are stored as the bit patterns of their unsigned values.
+    let (epoch, version, updated_ms) = (Epoch::from_u64(epoch as u64), version as u64, updated_ms as u64);
+    Some(match state {
+        Some(state) => Snapshot::live(topic, epoch, version, updated_ms, bytes::Bytes::from(state)),
+        None => Snapshot::tombstone(topic, epoch, version, updated_ms),
+    })
+}
+
 /// A fresh random epoch for a newly created topic.
 fn new_epoch() -> Epoch {
     // The OS random source failing is not something a publish can recover

@@ -6,12 +6,11 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use bytes::Bytes;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row as _, SqlitePool};
 
 use super::{Row, Write, WriteResult, evaluate_batch};
-use crate::topic::{Epoch, Snapshot, TopicName};
+use crate::topic::{Epoch, Snapshot};
 
 /// The database file's name inside the data directory.
 pub(super) const FILE_NAME: &str = "spillway.db";
@@ -43,19 +42,14 @@ impl Db {
             .await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
-            let name: String = row.try_get("name")?;
-            let Ok(topic) = TopicName::parse(&name) else {
-                tracing::warn!(name, "skipping a stored topic with an invalid name");
-                continue;
-            };
-            let epoch = Epoch::from_u64(row.try_get::<i64, _>("epoch")? as u64);
-            let version = row.try_get::<i64, _>("version")? as u64;
-            let updated_ms = row.try_get::<i64, _>("updated_ms")? as u64;
-            let state: Option<String> = row.try_get("state")?;
-            out.push(match state {
-                Some(state) => Snapshot::live(topic, epoch, version, updated_ms, Bytes::from(state)),
-                None => Snapshot::tombstone(topic, epoch, version, updated_ms),
-            });
+            let stored = super::stored_snapshot(
+                row.try_get("name")?,
+                row.try_get("epoch")?,
+                row.try_get("version")?,
+                row.try_get("updated_ms")?,
+                row.try_get("state")?,
+            );
+            out.extend(stored);
         }
         Ok(out)
     }
