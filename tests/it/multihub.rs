@@ -28,6 +28,21 @@ async fn hub(db_url: &str, redis_url: &str, prefix: &str, id: &str) -> Server {
     .await
 }
 
+/// A fresh database and Redis prefix (both named `name`) with three hubs on
+/// them; the database lives as long as the returned guard.
+async fn three_hubs(test: &str) -> (String, Database, [Server; 3]) {
+    let name = unique(test);
+    let db = Database::create(&name).await;
+    let url = db.url_via(POSTGRES);
+    let redis_url = format!("redis://{REDIS}");
+    let hubs = [
+        hub(&url, &redis_url, &name, "h1").await,
+        hub(&url, &redis_url, &name, "h2").await,
+        hub(&url, &redis_url, &name, "h3").await,
+    ];
+    (name, db, hubs)
+}
+
 async fn redis() -> redis::aio::MultiplexedConnection {
     redis::Client::open(format!("redis://{REDIS}"))
         .expect("client")
@@ -63,15 +78,7 @@ async fn a_publish_on_one_hub_reaches_readers_on_the_others() {
     if !available("multihub::reach").await {
         return;
     }
-    let name = unique("reach");
-    let db = Database::create(&name).await;
-    let url = db.url_via(POSTGRES);
-    let redis_url = format!("redis://{REDIS}");
-    let hubs = [
-        hub(&url, &redis_url, &name, "h1").await,
-        hub(&url, &redis_url, &name, "h2").await,
-        hub(&url, &redis_url, &name, "h3").await,
-    ];
+    let (_, _db, hubs) = three_hubs("reach").await;
     let mut readers = Vec::new();
     for h in &hubs[1..] {
         readers.push(h.ws("/v1/topics/match/ws").await);
@@ -92,15 +99,7 @@ async fn concurrent_publishes_on_two_hubs_agree_on_versions() {
     if !available("multihub::concurrent").await {
         return;
     }
-    let name = unique("concurrent");
-    let db = Database::create(&name).await;
-    let url = db.url_via(POSTGRES);
-    let redis_url = format!("redis://{REDIS}");
-    let hubs = [
-        hub(&url, &redis_url, &name, "h1").await,
-        hub(&url, &redis_url, &name, "h2").await,
-        hub(&url, &redis_url, &name, "h3").await,
-    ];
+    let (_, _db, hubs) = three_hubs("concurrent").await;
     hubs[0].publish("t", &json!({"n": 0})).await;
     let mut readers = Vec::new();
     for h in &hubs {
@@ -325,15 +324,7 @@ async fn stream_entries_are_ingested_once_in_order_by_three_hubs() {
     if !available("multihub::ingest").await {
         return;
     }
-    let name = unique("ingest");
-    let db = Database::create(&name).await;
-    let url = db.url_via(POSTGRES);
-    let redis_url = format!("redis://{REDIS}");
-    let hubs = [
-        hub(&url, &redis_url, &name, "h1").await,
-        hub(&url, &redis_url, &name, "h2").await,
-        hub(&url, &redis_url, &name, "h3").await,
-    ];
+    let (name, _db, hubs) = three_hubs("ingest").await;
     let topics = 5u64;
     let per_topic = 2000u64;
     let mut readers = Vec::new();
