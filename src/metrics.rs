@@ -143,7 +143,12 @@ impl Metrics {
 
     /// Records that a connection had `pending` state frames in flight.
     pub fn observe_pending(&self, pending: u64) {
-        self.max_pending_state_frames.fetch_max(pending, Ordering::Relaxed);
+        // A plain load first: the maximum almost never moves, and an
+        // unconditional read-modify-write on this shared counter would cost
+        // every delivery on every core a contended cache line.
+        if pending > self.max_pending_state_frames.load(Ordering::Relaxed) {
+            self.max_pending_state_frames.fetch_max(pending, Ordering::Relaxed);
+        }
     }
 
     /// Renders every figure in the Prometheus text format.

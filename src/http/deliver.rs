@@ -45,8 +45,12 @@ pub(super) fn frame(
     stats.frames.fetch_add(1, Ordering::Relaxed);
     match delivery {
         Delivery::Snapshot { snapshot, skipped, previous } => {
-            app.metrics.skipped.fetch_add(skipped, Ordering::Relaxed);
-            stats.skipped.fetch_add(skipped, Ordering::Relaxed);
+            // The process-wide counter is shared by every connection task on
+            // every core: leave its cache line alone when there is nothing to add.
+            if skipped > 0 {
+                app.metrics.skipped.fetch_add(skipped, Ordering::Relaxed);
+                stats.skipped.fetch_add(skipped, Ordering::Relaxed);
+            }
             // A delta only for a reader holding exactly the version this one
             // replaced; anyone else needs the whole state.
             let holds_base = delta && previous.is_some() && snapshot.base.as_ref().map(|(p, _)| *p) == previous;

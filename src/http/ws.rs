@@ -27,6 +27,9 @@ use tokio::time::{Instant, sleep_until};
 
 use super::deliver::{Framing, frame};
 use super::{ApiError, AppState, TopicPath, since_param, topic_list, wants_delta};
+use tokio_util::task::task_tracker::TaskTrackerToken;
+
+use crate::admission::Permit;
 use crate::metrics::{ConnStats, Cutoff, Transport};
 use crate::net::Peer;
 use crate::protocol::{self, HEARTBEAT, MAX_CLIENT_FRAME, close, close_reason, jittered_ms};
@@ -37,10 +40,12 @@ use crate::topic::{Position, SubscribeError, Subscription, TopicName};
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// tungstenite's read buffer, allocated up front for every connection:
-/// clients send almost nothing (pongs, the odd subscribe), so a small buffer
-/// saves ~127 KiB per connection against the 128 KiB default. Larger client
-/// frames (up to the 4 KiB limit) are still read, in several chunks.
-const READ_BUFFER: usize = 512;
+/// clients send almost nothing (pongs, close frames, the odd subscribe), so
+/// 128 bytes hold a whole pong or close frame and save ~128 KiB per
+/// connection against the 128 KiB default (and 384 B against the 512 B used
+/// before; see the Profiling section of BENCHMARKS.md). Larger client frames
+/// (up to the 4 KiB limit) are still read, in several chunks.
+const READ_BUFFER: usize = 128;
 
 pub(super) fn router() -> Router<AppState> {
     Router::new().route("/v1/topics/{topic}/ws", get(subscribe_one)).route("/v1/ws", get(subscribe_many))
@@ -110,20 +115,52 @@ fn accept(
     app.settings.clamp_subscription_socket(&peer);
     // Held by the task until it ends, so shutdown can wait for it.
     let tracked = app.tasks.token();
+    // axum keeps the upgrade callback inside the connection's task for as
+    // long as the connection lives (a future keeps everything it captured),
+    // so the callback captures one pointer instead of everything by value.
+    let mut setup = Box::new(Setup {
+        app,
+        subscription: Some(subscription),
+        mode,
+        label,
+        peer,
+        _permit: permit,
+        _tracked: tracked,
+    });
     Ok(upgrade
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(0)
         .max_message_size(MAX_CLIENT_FRAME)
         .max_frame_size(MAX_CLIENT_FRAME)
-        .on_upgrade(move |socket| async move {
-            let guard = app.connections.register("ws", label, peer.addr);
-            let open = app.metrics.open(Transport::Ws);
-            let connection = Connection::new(&app, subscription, mode, Arc::clone(&guard.stats));
-            connection.run(socket).await;
+        .on_upgrade(move |mut socket| async move {
+            // Fields are used in place, never moved into new locals: a
+            // future stores each local beside what it was moved from.
+            let guard = setup.app.connections.register("ws", std::mem::take(&mut setup.label), setup.peer.addr);
+            let open = setup.app.metrics.open(Transport::Ws);
+            if let Some(subscription) = setup.subscription.take() {
+                let mut connection = Connection::new(&setup.app, subscription, setup.mode, Arc::clone(&guard.stats));
+                connection.run(&mut socket).await;
+            }
             drop(open);
-            drop(permit);
-            drop(tracked);
+            drop(guard);
+            // Then the admission permit and the task-tracker token, in
+            // that order, as the box drops.
+            drop(setup);
         }))
+}
+
+/// What an admitted reader brings to its connection task, boxed once.
+struct Setup {
+    app: AppState,
+    /// Moved into the `Connection` when the task starts.
+    subscription: Option<Subscription>,
+    mode: Mode,
+    label: String,
+    peer: Peer,
+    /// Its place under the admission limits, given back when the task ends.
+    _permit: Permit,
+    /// Keeps shutdown waiting for this task.
+    _tracked: TaskTrackerToken,
 }
 
 /// The subscription for a connection's initial topics.
@@ -223,47 +260,53 @@ impl<'a> Connection<'a> {
         }
     }
 
-    async fn run<S>(mut self, mut socket: S)
+    async fn run<S>(&mut self, socket: &mut S)
     where
         S: Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum::Error> + Unpin,
     {
-        let heartbeat = self.app.settings.heartbeat;
-        let write_timeout = self.app.settings.write_timeout;
-        let shutdown = self.app.shutdown.clone();
+        // Settings are read where they are used rather than copied into
+        // locals: every local that lives across an `.await` is stored in the
+        // connection's future, once per open socket.
+        let app = self.app;
+        // Registered once for the whole connection: a fresh `cancelled()` in
+        // every turn of the loop would join and leave the token's waiter
+        // list, one lock shared by every connection, twice per frame.
+        let cancelled = app.shutdown.cancelled();
+        let mut cancelled = std::pin::pin!(cancelled);
         // One timer serves heartbeats and pings: it fires at the earlier of
         // the two moments and is re-armed from what happened since.
-        let timer = sleep_until(Instant::now() + heartbeat);
+        let timer = sleep_until(Instant::now() + app.settings.heartbeat);
         let mut timer = std::pin::pin!(timer);
 
-        self.send(&mut socket, text(protocol::hello(heartbeat)), false);
+        self.send(socket, text(protocol::hello(app.settings.heartbeat)), false);
         let mut drain_at: Option<Instant> = None;
         loop {
             let in_flight = self.in_flight_since.is_some();
-            let write_deadline = match (self.closing, self.in_flight_since) {
-                (Some(closing), _) => closing.deadline,
-                (None, Some(since)) => since + write_timeout,
-                // Never reached: the branch below is disabled when idle.
-                (None, None) => Instant::now() + write_timeout,
-            };
             tokio::select! {
                 biased;
-                () = shutdown.cancelled(), if self.closing.is_none() && drain_at.is_none() => {
+                () = cancelled.as_mut(), if self.closing.is_none() && drain_at.is_none() => {
                     // Each reader leaves at its own moment in the drain window.
                     drain_at = Some(Instant::now() + self.app.settings.drain_delay());
                 }
-                () = sleep_until(drain_at.unwrap_or_else(Instant::now)), if drain_at.is_some() && self.closing.is_none() => {
+                // `select!` builds every branch's future on every turn, even
+                // a disabled one. These two timers are needed only while
+                // draining or while a write is stuck, so each is built and
+                // boxed on its first poll: an idle connection's future does
+                // not carry them, and a fast reader's write (flushed before
+                // this branch is polled) never builds one.
+                () = async { Box::pin(sleep_until(drain_at.unwrap_or_else(Instant::now))).await }, if drain_at.is_some() && self.closing.is_none() => {
                     self.app.metrics.cutoff(Cutoff::Shutdown);
                     let notice = protocol::notice_frame("drain", self.retry_after_ms);
-                    self.send(&mut socket, text(notice), false);
-                    self.close(&mut socket, close::GOING_AWAY);
+                    self.send(socket, text(notice), false);
+                    self.close(socket, close::GOING_AWAY);
                 }
-                io = next_io(&mut socket, in_flight) => match io {
+                io = next_io(socket, in_flight) => match io {
                     Io::Flushed(Ok(())) => {
                         let started = self.in_flight_since.take();
                         if self.state_in_flight {
                             self.state_in_flight = false;
                             self.stats.pending.store(0, Ordering::Relaxed);
-                            self.check_staleness(&mut socket, started);
+                            self.check_staleness(socket, started);
                         }
                         // Once the close frame is out, wait (within the grace)
                         // for the client's close or its end of the stream:
@@ -286,7 +329,7 @@ impl<'a> Connection<'a> {
                             || error.to_string().to_ascii_lowercase().contains("capacity");
                         if too_big && self.closing.is_none() {
                             self.app.metrics.cutoff(Cutoff::TooBig);
-                            self.close(&mut socket, close::TOO_BIG);
+                            self.close(socket, close::TOO_BIG);
                         } else {
                             if self.closing.is_none() {
                                 self.app.metrics.cutoff(Cutoff::SocketError);
@@ -294,17 +337,18 @@ impl<'a> Connection<'a> {
                             break;
                         }
                     }
-                    Io::Incoming(Some(Ok(message))) => self.on_message(&mut socket, message),
+                    Io::Incoming(Some(Ok(message))) => self.on_message(socket, message),
                 },
                 () = self.subscription.ready(), if !in_flight && self.closing.is_none() => {
-                    self.deliver(&mut socket);
+                    self.deliver(socket);
                 }
                 () = timer.as_mut(), if self.closing.is_none() => {
-                    self.on_timer(&mut socket);
+                    self.on_timer(socket);
+                    let heartbeat = app.settings.heartbeat;
                     let next = (self.last_text + heartbeat).min(self.last_ping + heartbeat).max(Instant::now() + Duration::from_millis(10));
                     timer.as_mut().reset(next);
                 }
-                () = sleep_until(write_deadline), if in_flight || self.closing.is_some() => {
+                () = async { Box::pin(sleep_until(self.write_deadline())).await }, if in_flight || self.closing.is_some() => {
                     if self.closing.is_some() {
                         // The grace ran out: the socket cannot take even the
                         // close frame. Drop it.
@@ -312,9 +356,20 @@ impl<'a> Connection<'a> {
                     }
                     self.app.metrics.cutoff(Cutoff::WriteStall);
                     tracing::debug!(peer = %self.stats.peer, "write stalled; cutting the reader off");
-                    self.close(&mut socket, close::WRITE_STALL);
+                    self.close(socket, close::WRITE_STALL);
                 }
             }
+        }
+    }
+
+    /// When the frame in flight (or, once closing, the close) must have left.
+    fn write_deadline(&self) -> Instant {
+        match (self.closing, self.in_flight_since) {
+            (Some(closing), _) => closing.deadline,
+            (None, Some(since)) => since + self.app.settings.write_timeout,
+            // Never reached: the timer is polled only while a frame is in
+            // flight or the connection is closing.
+            (None, None) => Instant::now() + self.app.settings.write_timeout,
         }
     }
 

@@ -250,32 +250,43 @@ impl Follower {
     }
 
     fn due(&self, current: &Arc<Snapshot>) -> Option<Delivery> {
+        Some(match self.plan(current)? {
+            Plan::Snapshot { skipped } => {
+                Delivery::Snapshot { snapshot: Arc::clone(current), skipped, previous: self.held }
+            }
+            Plan::Deleted => Delivery::Deleted(Arc::clone(current)),
+        })
+    }
+
+    /// What is due given the topic's newest version, decided without touching
+    /// the snapshot's reference count: `is_due` runs on every wake-up of every
+    /// reader, and a shared count bumped by all of them would bounce its cache
+    /// line between cores.
+    fn plan(&self, current: &Snapshot) -> Option<Plan> {
         let Some(held) = self.held else {
             // A reader that holds nothing waits through a deletion for the
             // topic to be created again.
-            return (!current.deleted).then(|| Delivery::Snapshot {
-                snapshot: Arc::clone(current),
-                skipped: 0,
-                previous: None,
-            });
+            return (!current.deleted).then_some(Plan::Snapshot { skipped: 0 });
         };
         if current.version <= held.version && current.epoch == held.epoch {
             return None;
         }
         if current.deleted {
             // Only the incarnation the reader holds matters to it.
-            return (current.epoch == held.epoch).then(|| Delivery::Deleted(Arc::clone(current)));
+            return (current.epoch == held.epoch).then_some(Plan::Deleted);
         }
         // Versions keep rising across a delete and re-create, so the count
         // is meaningful across epochs too; a rebuilt store (lower versions
         // under a new epoch) counts as nothing skipped.
-        let skipped = current.version.saturating_sub(held.version.saturating_add(1));
-        Some(Delivery::Snapshot { snapshot: Arc::clone(current), skipped, previous: Some(held) })
+        Some(Plan::Snapshot { skipped: current.version.saturating_sub(held.version.saturating_add(1)) })
     }
 
     /// Whether a delivery is due now.
     pub fn is_due(&self) -> bool {
-        self.topic.current().is_some_and(|current| self.due(&current).is_some())
+        // A borrowed load: no reference count is touched, and the guard
+        // lives only for this comparison.
+        let current = self.topic.slot.load();
+        current.as_deref().is_some_and(|current| self.plan(current).is_some())
     }
 
     /// Waits until a delivery is due, then returns it.
@@ -297,6 +308,12 @@ impl Follower {
     /// Resolves when a delivery is due, without taking it. Cancel-safe, so a
     /// transport can race it against its socket in `select!`.
     pub async fn ready(&self) {
+        // Most calls come right after a wake-up, when the delivery is already
+        // due: answer those without registering in the topic's `Notify`,
+        // whose waiter list is one lock shared by every reader of the topic.
+        if self.is_due() {
+            return;
+        }
         loop {
             let notified = self.topic.changed.notified();
             let mut notified = std::pin::pin!(notified);
@@ -307,6 +324,14 @@ impl Follower {
             notified.await;
         }
     }
+}
+
+/// What a follower owes its reader, before any snapshot is cloned for it.
+enum Plan {
+    /// The newest version, after `skipped` versions the reader never got.
+    Snapshot { skipped: u64 },
+    /// The deletion of the incarnation the reader holds.
+    Deleted,
 }
 
 impl Drop for Follower {

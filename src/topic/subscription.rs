@@ -121,6 +121,9 @@ impl Subscription {
     pub async fn ready(&self) {
         match (&self.signal, self.followers.as_slice()) {
             (None, [only]) => only.ready().await,
+            // As in `Follower::ready`: a delivery already due is answered
+            // without touching the signal's waiter list.
+            (Some(_), followers) if followers.iter().any(Follower::is_due) => {}
             (Some(signal), followers) => loop {
                 let notified = signal.notified();
                 let mut notified = std::pin::pin!(notified);
