@@ -25,7 +25,7 @@ use bytes::Bytes;
 use futures_util::{Sink, Stream};
 use tokio::time::{Instant, sleep_until};
 
-use super::deliver::{Framing, frame};
+use super::deliver::{Framing, checked_text, frame};
 use super::{ApiError, AppState, TopicPath, since_param, topic_list, wants_delta};
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
@@ -377,7 +377,8 @@ impl<'a> Connection<'a> {
     fn deliver<S: Sink<Message, Error = axum::Error> + Unpin>(&mut self, socket: &mut S) {
         let Some(delivery) = self.subscription.take() else { return };
         let framed = frame(self.app, &self.stats, &self.subscription, delivery, self.mode.delta, Framing::Ws);
-        self.send(socket, text(framed.bytes), true);
+        let message = Message::Text(framed.text.unwrap_or_else(|| checked_text(framed.bytes)));
+        self.send(socket, message, true);
         if let Some(topic) = framed.deleted {
             if self.mode.multi {
                 self.subscription.remove(topic.as_str());
@@ -546,8 +547,7 @@ enum Kind {
 
 /// A text message from bytes we built ourselves as UTF-8.
 fn text(bytes: Bytes) -> Message {
-    // Our encoders only ever produce UTF-8 (JSON text); the check cannot fail.
-    Message::Text(Utf8Bytes::try_from(bytes).unwrap_or_else(|_| Utf8Bytes::from_static("{}")))
+    Message::Text(checked_text(bytes))
 }
 
 /// Waits for the next thing the socket has to say: an incoming message, or

@@ -1,6 +1,7 @@
 //! `Snapshot`: one committed version of a topic, and the wire bytes built from
 //! it, at most once per wire form, shared by every reader.
 
+use std::any::Any;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::OnceLock;
@@ -211,12 +212,25 @@ pub struct Snapshot {
     pub base: Option<(Position, Bytes)>,
     /// Wire encodings, each built at most once, indexed by `Wire`.
     encoded: [OnceLock<Encoded>; WIRE_FORMS],
+    /// A transport's own form of each encoding, built at most once (see
+    /// `adapted`). Type-erased, so the core stays ignorant of transports.
+    adapted: [OnceLock<Box<dyn Any + Send + Sync>>; WIRE_FORMS],
 }
 
 impl Snapshot {
     /// A live version.
     pub fn live(topic: TopicName, epoch: Epoch, version: u64, updated_ms: u64, state: Bytes) -> Self {
-        Self { topic, epoch, version, updated_ms, state, deleted: false, base: None, encoded: Default::default() }
+        Self {
+            topic,
+            epoch,
+            version,
+            updated_ms,
+            state,
+            deleted: false,
+            base: None,
+            encoded: Default::default(),
+            adapted: Default::default(),
+        }
     }
 
     /// A tombstone: the version that deleted the topic.
@@ -230,6 +244,7 @@ impl Snapshot {
             deleted: true,
             base: None,
             encoded: Default::default(),
+            adapted: Default::default(),
         }
     }
 
@@ -245,6 +260,21 @@ impl Snapshot {
             ENCODINGS[wire as usize].fetch_add(1, Ordering::Relaxed);
             build(self)
         })
+    }
+
+    /// A transport's own form of the `wire` encoding (for instance the text
+    /// frame type of a WebSocket library, whose constructor checks UTF-8),
+    /// built by `adapt` on first use and cloned for every later reader, so
+    /// that per-byte work happens once per version and not once per reader.
+    /// `None` if another type was stored for this form first.
+    pub fn adapted<T: Clone + Send + Sync + 'static>(
+        &self,
+        wire: Wire,
+        build: impl FnOnce(&Snapshot) -> Encoded,
+        adapt: impl FnOnce(&Encoded) -> T,
+    ) -> Option<T> {
+        let stored = self.adapted[wire as usize].get_or_init(|| Box::new(adapt(self.encoded(wire, build))));
+        stored.downcast_ref::<T>().cloned()
     }
 }
 
@@ -292,6 +322,23 @@ mod tests {
         let enc = Encoded { bytes: Bytes::from_static(b"{\"skipped\":0,\"x\":1}"), skipped_at: Some(11) };
         assert_eq!(enc.with_skipped(0).as_ptr(), enc.bytes.as_ptr(), "zero shares the bytes");
         assert_eq!(&enc.with_skipped(1234)[..], b"{\"skipped\":1234,\"x\":1}");
+    }
+
+    #[test]
+    fn an_adapted_form_is_built_once_and_typed() {
+        let name = TopicName::parse("t").expect("valid");
+        let snap = Snapshot::live(name, Epoch::from_u64(1), 1, 0, Bytes::from_static(b"{}"));
+        let build = |_: &Snapshot| Encoded { bytes: Bytes::from_static(b"abc"), skipped_at: None };
+        let mut adapts = 0;
+        for _ in 0..10 {
+            let got = snap.adapted(Wire::WsFrame, build, |e| {
+                adapts += 1;
+                e.bytes.len()
+            });
+            assert_eq!(got, Some(3));
+        }
+        assert_eq!(adapts, 1);
+        assert_eq!(snap.adapted(Wire::WsFrame, build, |_| "other type"), None, "the first type stays");
     }
 
     #[test]
