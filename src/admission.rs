@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
@@ -25,6 +25,9 @@ pub enum Refusal {
     PerIp,
     /// The token bucket is empty (a reconnect storm).
     Rate,
+    /// The process is over its memory limit; the memory guard is cutting
+    /// readers off and new ones would only take their place.
+    Memory,
 }
 
 impl Refusal {
@@ -34,6 +37,7 @@ impl Refusal {
             Refusal::Full => "max_connections",
             Refusal::PerIp => "per_ip",
             Refusal::Rate => "accept_rate",
+            Refusal::Memory => "memory",
         }
     }
 }
@@ -71,7 +75,10 @@ pub struct Admission {
     /// Admitted subscriptions.
     pub admitted: AtomicU64,
     /// Refused subscriptions, by `Refusal`.
-    refused: [AtomicU64; 3],
+    refused: [AtomicU64; 4],
+    /// Set by the memory guard while the process is above its memory
+    /// limit's high-water mark.
+    pub memory_pressure: AtomicBool,
 }
 
 impl Admission {
@@ -88,6 +95,7 @@ impl Admission {
             bucket: Mutex::new(Bucket { tokens: f64::from(burst.max(1)), refilled: Instant::now() }),
             admitted: AtomicU64::new(0),
             refused: Default::default(),
+            memory_pressure: AtomicBool::new(false),
         })
     }
 
@@ -100,6 +108,9 @@ impl Admission {
         };
         if self.open.load(Ordering::Relaxed) >= self.max_connections {
             return refuse(Refusal::Full, 2000);
+        }
+        if self.memory_pressure.load(Ordering::Relaxed) {
+            return refuse(Refusal::Memory, 5000);
         }
         // The per-address cap first: a refusal there must not use a token.
         if self.per_ip_cap > 0 {
@@ -137,13 +148,18 @@ impl Admission {
         Ok(permit)
     }
 
+    /// Subscriptions open now.
+    pub fn open_now(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
     /// Refusals so far for `why`.
     pub fn refused(&self, why: Refusal) -> u64 {
         self.refused[why as usize].load(Ordering::Relaxed)
     }
 
     /// Every refusal reason, for metrics.
-    pub const REASONS: [Refusal; 3] = [Refusal::Full, Refusal::PerIp, Refusal::Rate];
+    pub const REASONS: [Refusal; 4] = [Refusal::Full, Refusal::PerIp, Refusal::Rate, Refusal::Memory];
 }
 
 /// An admitted connection; dropping it gives the place back.

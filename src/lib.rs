@@ -9,6 +9,7 @@ pub mod config;
 pub mod demo;
 pub mod http;
 pub mod ingest;
+pub mod memory;
 pub mod metrics;
 pub mod net;
 pub mod protocol;

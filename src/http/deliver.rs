@@ -29,6 +29,9 @@ pub(super) struct Framed {
     pub(super) bytes: Bytes,
     /// The topic whose deletion this frame announces, if it does.
     pub(super) deleted: Option<TopicName>,
+    /// When the version was committed (ms since the Unix epoch), for the
+    /// delivery-lag histogram.
+    pub(super) committed_ms: u64,
 }
 
 /// Frames `delivery` for `framing`. `sub` has already recorded the delivery,
@@ -66,7 +69,7 @@ pub(super) fn frame(
                     .filter(|p| !p.is_empty())
                     .unwrap_or_else(|| snapshot.encoded(Wire::SseEvent, sse_single).with_skipped(skipped)),
             };
-            Framed { bytes, deleted: None }
+            Framed { bytes, deleted: None, committed_ms: snapshot.updated_ms }
         }
         Delivery::Deleted(snapshot) => {
             let frame = snapshot.encoded(Wire::WsFrame, ws_frame).bytes.clone();
@@ -75,9 +78,15 @@ pub(super) fn frame(
                 Framing::SseSingle => protocol::sse_event(&snapshot.position().to_string(), &frame),
                 Framing::SseMulti => sse_event(&multi_id(sub), &frame),
             };
-            Framed { bytes, deleted: Some(snapshot.topic.clone()) }
+            Framed { bytes, deleted: Some(snapshot.topic.clone()), committed_ms: snapshot.updated_ms }
         }
     }
+}
+
+/// Records a state frame's commit-to-socket lag, once the socket has taken it.
+pub(super) fn observe_lag(app: &AppState, committed_ms: u64) {
+    let lag_ms = crate::metrics::now_unix_ms().saturating_sub(committed_ms);
+    app.metrics.delivery_lag.observe_us(lag_ms.saturating_mul(1000));
 }
 
 /// The SSE id of a multi-topic stream: every held position, `NAME=EPOCH:VERSION`

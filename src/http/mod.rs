@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use error::ApiError;
+pub use ops::starting_router;
 
 use crate::config::Secret;
 use crate::metrics::{Connections, Metrics};

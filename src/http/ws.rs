@@ -191,6 +191,8 @@ struct Connection<'a> {
     in_flight_since: Option<Instant>,
     /// Whether the frame in flight is a state frame (counted as pending).
     state_in_flight: bool,
+    /// The commit time of the state frame in flight, for the lag histogram.
+    committed_ms: u64,
     /// Whether anything was sent since the last heartbeat tick.
     /// When the last text frame was handed over: a `heartbeat` frame goes
     /// out once nothing has been sent for the heartbeat interval.
@@ -215,6 +217,7 @@ impl<'a> Connection<'a> {
             retry_after_ms: jittered_ms(1000, 4000),
             in_flight_since: None,
             state_in_flight: false,
+            committed_ms: 0,
             last_text: Instant::now(),
             last_ping: Instant::now(),
             unanswered_pings: 0,
@@ -230,6 +233,7 @@ impl<'a> Connection<'a> {
         let heartbeat = self.app.settings.heartbeat;
         let write_timeout = self.app.settings.write_timeout;
         let shutdown = self.app.shutdown.clone();
+        let stats = Arc::clone(&self.stats);
         // One timer serves heartbeats and pings: it fires at the earlier of
         // the two moments and is re-armed from what happened since.
         let timer = sleep_until(Instant::now() + heartbeat);
@@ -257,12 +261,21 @@ impl<'a> Connection<'a> {
                     self.send(&mut socket, text(notice), false);
                     self.close(&mut socket, close::GOING_AWAY);
                 }
+                () = stats.evict.notified(), if self.closing.is_none() => {
+                    // The memory guard counted the cut-off. The close frame
+                    // waits behind the stuck one: a reader that reads again
+                    // within the grace still gets its hint.
+                    tracing::debug!(peer = %self.stats.peer, "memory guard: cutting the reader off");
+                    self.close(&mut socket, close::MEMORY);
+                }
                 io = next_io(&mut socket, in_flight) => match io {
                     Io::Flushed(Ok(())) => {
                         let started = self.in_flight_since.take();
+                        self.stats.flushed(&self.app.metrics);
                         if self.state_in_flight {
                             self.state_in_flight = false;
                             self.stats.pending.store(0, Ordering::Relaxed);
+                            super::deliver::observe_lag(self.app, self.committed_ms);
                             self.check_staleness(&mut socket, started);
                         }
                         // Once the close frame is out, wait (within the grace)
@@ -322,6 +335,7 @@ impl<'a> Connection<'a> {
     fn deliver<S: Sink<Message, Error = axum::Error> + Unpin>(&mut self, socket: &mut S) {
         let Some(delivery) = self.subscription.take() else { return };
         let framed = frame(self.app, &self.stats, &self.subscription, delivery, self.mode.delta, Framing::Ws);
+        self.committed_ms = framed.committed_ms;
         self.send(socket, text(framed.bytes), true);
         if let Some(topic) = framed.deleted {
             if self.mode.multi {
@@ -464,7 +478,12 @@ impl<'a> Connection<'a> {
         // With a zero write buffer the sink writes eagerly and is always ready
         // after a completed flush; a frame queued while another is in flight
         // (a control frame) waits in tungstenite's buffer behind it.
-        let message_kind = if matches!(message, Message::Text(_)) { Kind::Text } else { Kind::Control };
+        let (message_kind, bytes) = match &message {
+            Message::Text(text) => (Kind::Text, text.len()),
+            // Control frames are tiny; count them as the little they are.
+            _ => (Kind::Control, 16),
+        };
+        self.stats.hand_over(&self.app.metrics, bytes as u64);
         if Pin::new(&mut *socket).start_send(message).is_err() {
             // The socket is broken; the next flush reports it and ends us.
         }

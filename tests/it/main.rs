@@ -4,6 +4,7 @@
 mod harness;
 
 mod durability;
+mod guard;
 mod multihub;
 mod ops;
 mod publish;
