@@ -63,9 +63,7 @@ impl Application {
         // Bind first: until the store is loaded the port answers probes
         // (`/healthz` alive, `/readyz` not ready) and turns everything else
         // away with a hint, instead of refusing connections.
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        let listener = bind(config.listen).map_err(|source| StartError::Bind { addr: config.listen, source })?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
         tracing::info!("bound {local_addr}; not ready until the store is loaded");
         let shutdown = CancellationToken::new();
@@ -252,6 +250,20 @@ impl Application {
         tracing::info!("stopped");
         result
     }
+}
+
+/// The listen backlog asked for (the kernel caps it at `net.core.somaxconn`,
+/// 4096 on current Linux). tokio's default of 1024 overflows in a reconnect
+/// storm, and an overflowing queue drops handshakes, which clients see as
+/// timeouts instead of the quick 503 and hint that admission would give.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the listener with reuse of the address and a storm-sized backlog.
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// How long a shared store may stay unreachable at start before the process
