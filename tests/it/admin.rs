@@ -105,6 +105,11 @@ async fn the_form_logs_in_with_a_cookie_and_logout_ends_the_session() {
     assert_eq!(empty.status(), 400);
     assert!(session_cookie(&empty).is_none());
 
+    // A form over the 4 KiB limit is refused unread.
+    let huge = login(&s, &format!("{ADMIN}&pad={}", "x".repeat(5000))).await;
+    assert_eq!(huge.status(), 413);
+    assert!(session_cookie(&huge).is_none());
+
     // The right one: a session cookie and a redirect to the page.
     let ok = login(&s, ADMIN).await;
     assert_eq!(ok.status(), 303);
