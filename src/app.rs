@@ -55,6 +55,8 @@ pub struct Application {
     generated_token: Option<Secret>,
     /// Whether to run the simulated match.
     demo: bool,
+    /// This hub's name, reported on the operator page.
+    hub_id: String,
 }
 
 impl Application {
@@ -97,7 +99,11 @@ impl Application {
         let hub_id = config.hub_id.clone().unwrap_or_else(default_hub_id);
         let bus = match &config.redis_url {
             Some(url) => {
-                let redis = RedisConfig { url: url.expose().to_string(), prefix: config.redis_prefix.clone(), hub_id };
+                let redis = RedisConfig {
+                    url: url.expose().to_string(),
+                    prefix: config.redis_prefix.clone(),
+                    hub_id: hub_id.clone(),
+                };
                 let bus = Bus::redis(
                     redis.clone(),
                     hub.clone(),
@@ -159,6 +165,7 @@ impl Application {
             max_topics: config.max_topics,
             max_staleness: config.max_staleness,
             drain_window: config.drain_window,
+            admin_token: config.admin_token.clone(),
         };
         let metrics = Arc::new(Metrics::default());
         let state = AppState {
@@ -185,7 +192,7 @@ impl Application {
             Arc::clone(&state.admission),
             state.shutdown.clone(),
         ));
-        Ok(Self { listener, state, local_addr, generated_token, demo: config.demo })
+        Ok(Self { listener, state, local_addr, generated_token, demo: config.demo, hub_id })
     }
 
     /// The address actually bound (useful with port 0).
@@ -197,7 +204,7 @@ impl Application {
     /// every reader (close `1001` with a reconnect hint), finishes queued
     /// commits, and returns within a bounded time.
     pub async fn run_until_stopped(self, stop: impl Future<Output = ()> + Send + 'static) -> io::Result<()> {
-        let Self { listener, state, local_addr, generated_token, demo } = self;
+        let Self { listener, state, local_addr, generated_token, demo, hub_id } = self;
         if let Some(token) = generated_token {
             // Shown once, on the terminal, never in the logs.
             eprintln!(
@@ -221,6 +228,10 @@ impl Application {
         if demo {
             tasks.spawn(crate::demo::run(state.store.clone(), state.hub.clone(), state.bus.clone(), shutdown.clone()));
             tracing::info!("demo mode: a simulated match is live at http://{local_addr}/t/demo");
+        }
+        if state.settings.admin_token.is_some() {
+            // Only the operator page reads the stats topic: without it, no task.
+            tasks.spawn(crate::stats::run(crate::stats::Sources::from_state(&state, Some(hub_id)), shutdown.clone()));
         }
         // Accepting goes on while readers drain, so that `/readyz` can say so
         // and snapshot reads are still served; it stops once every reader has

@@ -104,6 +104,12 @@ pub struct Config {
     #[arg(long = "publish-token", env = "SPILLWAY_PUBLISH_TOKEN", value_delimiter = ',', hide_env_values = true)]
     pub publish_tokens: Vec<Secret>,
 
+    /// Token that opens the operator page `/admin` (a login form, or HTTP
+    /// Basic with any user name and this token as the password). Without it
+    /// the operator page is off and `/admin` answers 404.
+    #[arg(long, env = "SPILLWAY_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<Secret>,
+
     /// Largest accepted publish body, in bytes (suffixes KiB and MiB work).
     #[arg(long, env = "SPILLWAY_MAX_BODY", default_value = "64KiB", value_parser = parse_bytes)]
     pub max_body: usize,

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod net;
 pub mod protocol;
 pub mod server;
+pub mod stats;
 pub mod store;
 pub mod telemetry;
 pub mod topic;

@@ -39,7 +39,8 @@ pub enum Cutoff {
 }
 
 impl Cutoff {
-    const ALL: [Cutoff; 9] = [
+    /// Every reason, in the order metrics list them.
+    pub const ALL: [Cutoff; 9] = [
         Cutoff::Stale,
         Cutoff::Memory,
         Cutoff::WriteStall,
@@ -139,6 +140,9 @@ const LATENCY_BOUNDS_US: [u64; 14] = [
     10_000_000, 30_000_000,
 ];
 
+/// A histogram's per-bucket counts (not cumulative), the last being `+Inf`.
+pub type Buckets = [u64; LATENCY_BOUNDS_US.len() + 1];
+
 /// A latency histogram with fixed buckets: one relaxed add per observation,
 /// no allocation, rendered as a Prometheus histogram in seconds.
 #[derive(Debug, Default)]
@@ -169,14 +173,14 @@ impl Histogram {
     }
 
     /// The per-bucket counts (not cumulative), the last being `+Inf`.
-    pub fn snapshot(&self) -> [u64; LATENCY_BOUNDS_US.len() + 1] {
+    pub fn snapshot(&self) -> Buckets {
         std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed))
     }
 
     /// The `q` quantile (0..=1) in milliseconds, interpolated within its
     /// bucket, from per-bucket counts (a `snapshot`, or the difference of two
     /// for a recent window); `None` without observations.
-    pub fn quantile_ms(counts: &[u64; LATENCY_BOUNDS_US.len() + 1], q: f64) -> Option<f64> {
+    pub fn quantile_ms(counts: &Buckets, q: f64) -> Option<f64> {
         let total: u64 = counts.iter().sum();
         if total == 0 {
             return None;

@@ -1,6 +1,7 @@
 //! The HTTP surface: one `router(state)`, the shared application state, and
 //! the one error type every handler returns. Each submodule owns its routes.
 
+mod admin;
 mod deliver;
 mod error;
 mod ops;
@@ -60,6 +61,8 @@ pub struct Settings {
     pub max_staleness: Duration,
     /// Readers are told to reconnect at moments spread over this window on SIGTERM.
     pub drain_window: Duration,
+    /// The operator page's token; `None` turns `/admin` off.
+    pub admin_token: Option<Secret>,
 }
 
 impl Settings {
@@ -152,6 +155,7 @@ pub fn router(state: AppState) -> Router {
         .merge(ws::router())
         .merge(ops::router())
         .merge(pages::router())
+        .merge(admin::router(&state.settings))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(cors)

@@ -123,7 +123,7 @@ fn open(
     kind: Kind,
     label: String,
 ) -> Result<Response, ApiError> {
-    let Kind { framing, delta, resuming } = kind;
+    let Kind { framing, resuming, .. } = kind;
     if !app.settings.origin_allowed(headers) {
         return Err(ApiError::OriginNotAllowed);
     }
@@ -139,8 +139,29 @@ fn open(
         // 200 with a hint, not 503: native EventSource never retries a 5xx.
         Err(refused) => return Ok(event_stream(Body::from(turn_away("overload", refused.retry_after_ms)))),
     };
-    app.settings.clamp_subscription_socket(&peer);
     let subscription = super::ws::subscribe(&app, topics, framing == Framing::SseMulti);
+    Ok(stream(app, &peer, subscription, kind, label, Some(permit)))
+}
+
+/// An operator's event stream of an internal topic (`/admin/events`). The
+/// caller has authenticated the operator; admission is bypassed so that the
+/// operator page keeps working during the storm it is there to show.
+pub(super) fn operator_stream(app: AppState, peer: &Peer, subscription: Subscription, label: String) -> Response {
+    let kind = Kind { framing: Framing::SseSingle, delta: false, resuming: false };
+    stream(app, peer, subscription, kind, label, None)
+}
+
+/// Streams `subscription` to the reader; `permit` holds its admission place.
+fn stream(
+    app: AppState,
+    peer: &Peer,
+    subscription: Subscription,
+    kind: Kind,
+    label: String,
+    permit: Option<crate::admission::Permit>,
+) -> Response {
+    let Kind { framing, delta, .. } = kind;
+    app.settings.clamp_subscription_socket(peer);
     let stream = SseStream {
         guard: app.connections.register("sse", label, peer.addr),
         _open: app.metrics.open(Transport::Sse),
@@ -155,14 +176,14 @@ fn open(
         gated: false,
         committed_ms: None,
         behind_since: None,
-        retry_after_ms,
+        retry_after_ms: jittered_ms(1000, 4000),
         phase: Phase::Start,
     };
     let events = futures_util::stream::unfold(stream, |mut stream| async move {
         let event = stream.next_event().await?;
         Some((Ok::<_, std::convert::Infallible>(event), stream))
     });
-    Ok(event_stream(Body::from_stream(events)))
+    event_stream(Body::from_stream(events))
 }
 
 /// The body of a refusal: a retry hint and a `notice`, then the end.
@@ -205,8 +226,9 @@ struct SseStream {
     guard: ConnGuard,
     /// Counts the connection as open while the stream lives.
     _open: OpenGuard,
-    /// Holds the admission place while the stream lives.
-    _permit: crate::admission::Permit,
+    /// Holds the admission place while the stream lives (operator streams
+    /// bypass admission and hold none).
+    _permit: Option<crate::admission::Permit>,
     /// When shutdown began: this stream's moment in the drain window.
     drain_at: Option<Instant>,
     /// When the last event was handed over: a `heartbeat` event goes out once

@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod admin;
 mod durability;
 mod guard;
 mod multihub;
