@@ -115,6 +115,7 @@ impl Application {
                 tasks.spawn(crate::ingest::run(
                     redis,
                     config.ingest_max_len,
+                    config.max_topics,
                     hub.clone(),
                     store.clone(),
                     bus.clone(),

@@ -381,6 +381,29 @@ impl Metrics {
         ] {
             counter(&mut out, name, help, &[], load(value));
         }
+        counter(
+            &mut out,
+            "spillway_ingest_entries_total",
+            "Stream entries settled by ingest, by outcome.",
+            &[("result", "committed")],
+            load(&bus.ingest_committed),
+        );
+        for why in crate::bus::IngestDrop::ALL {
+            counter(
+                &mut out,
+                "spillway_ingest_entries_total",
+                "Stream entries settled by ingest, by outcome.",
+                &[("result", "dropped"), ("reason", why.label())],
+                load(&bus.ingest_dropped[why as usize]),
+            );
+        }
+        counter(
+            &mut out,
+            "spillway_ingest_errors_total",
+            "Losses of stream ingest's Redis connection.",
+            &[],
+            load(&bus.ingest_errors),
+        );
         gauge(
             &mut out,
             "spillway_registered_connections",
