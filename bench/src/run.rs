@@ -251,21 +251,16 @@ async fn run_with_server(
             threads,
         })
         .collect();
-    let mut readers_per_hub = vec![0u64; n_hubs];
-    let mut in_profile: BTreeMap<Profile, u32> = BTreeMap::new();
-    for (i, profile) in profiles.iter().enumerate() {
-        let k = in_profile.entry(*profile).or_default();
-        let source = (!args.no_source_spread).then(|| profile.source_ip(*k / args.conns_per_source.max(1)));
-        *k += 1;
-        let hub = i % n_hubs;
-        readers_per_hub[hub] += 1;
-        plans[i % workers.max(1)].readers.push(ReaderSpec {
-            topic: (i % args.topics) as u32,
-            profile: *profile,
-            source,
-            hub: hub as u8,
-            drops: storm && drops(i, args.storm_drop_pct),
-        });
+    let spread = Spread {
+        topics: args.topics,
+        hubs: n_hubs,
+        workers,
+        conns_per_source: (!args.no_source_spread).then_some(args.conns_per_source),
+        storm_drop_pct: storm.then_some(args.storm_drop_pct),
+    };
+    let (per_worker, readers_per_hub) = spread.readers(&profiles);
+    for (plan, readers) in plans.iter_mut().zip(per_worker) {
+        plan.readers = readers;
     }
 
     let stop_sampler = Arc::new(AtomicBool::new(false));
@@ -540,6 +535,50 @@ fn drops(i: usize, pct: f64) -> bool {
     share(i + 1) > share(i)
 }
 
+/// How readers are laid out over topics, hubs, worker processes and
+/// loopback source addresses.
+#[derive(Debug, Clone, Copy)]
+struct Spread {
+    topics: usize,
+    hubs: usize,
+    workers: usize,
+    /// Readers per source address (`None`: the kernel picks 127.0.0.1).
+    conns_per_source: Option<u32>,
+    /// `storm`: the share that drops.
+    storm_drop_pct: Option<f64>,
+}
+
+impl Spread {
+    /// Each worker's readers, and how many readers each hub gets. Reader
+    /// `i` goes to topic `i mod T`, hub `i mod H` (round robin) and worker
+    /// `i mod W`.
+    fn readers(&self, profiles: &[Profile]) -> (Vec<Vec<ReaderSpec>>, Vec<u64>) {
+        let hubs = self.hubs.max(1);
+        let mut per_worker: Vec<Vec<ReaderSpec>> = vec![Vec::new(); self.workers];
+        let mut per_hub = vec![0u64; hubs];
+        let mut in_profile: BTreeMap<Profile, u32> = BTreeMap::new();
+        for (i, profile) in profiles.iter().enumerate() {
+            let k = in_profile.entry(*profile).or_default();
+            let source = self.conns_per_source.map(|per| profile.source_ip(*k / per.max(1)));
+            *k += 1;
+            let hub = i % hubs;
+            per_hub[hub] += 1;
+            if let Some(readers) = per_worker.get_mut(i % self.workers.max(1)) {
+                readers.push(ReaderSpec {
+                    topic: (i % self.topics.max(1)) as u32,
+                    profile: *profile,
+                    source,
+                    hub: hub as u8,
+                    // Counted within the worker, so every worker (and every
+                    // hub) has its share of dropping readers.
+                    drops: self.storm_drop_pct.is_some_and(|pct| drops(i / self.workers.max(1), pct)),
+                });
+            }
+        }
+        (per_worker, per_hub)
+    }
+}
+
 /// Profiles for `readers` readers by the mix, shuffled (seeded) so that
 /// every topic and every worker gets the mix.
 fn assign_profiles(readers: usize, mix: &[(Profile, f64)], seed: u64) -> Vec<Profile> {
@@ -639,5 +678,47 @@ async fn ss_loop(port: u16, start: Instant, samples: Arc<Mutex<Samples>>, stop: 
         if let Ok(Some(sample)) = tokio::task::spawn_blocking(move || procfs::ss_sample(port)).await {
             samples.lock().unwrap_or_else(PoisonError::into_inner).ss.push((t, sample));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::*;
+
+    #[test]
+    fn thirty_thousand_readers_fit_three_hubs_and_two_workers() {
+        // The layout `multi-hub -n 30000` gets with the default flags: every
+        // worker under its 20,000 open files and every hub under 19k sockets.
+        let readers = 30_000;
+        let mix = [(Profile::Fast, 80.0), (Profile::Stalled, 20.0)];
+        let profiles = assign_profiles(readers, &mix, 7);
+        let workers = readers.div_ceil(15_000);
+        let spread = Spread { topics: 10, hubs: 3, workers, conns_per_source: Some(1000), storm_drop_pct: Some(50.0) };
+        let (per_worker, per_hub) = spread.readers(&profiles);
+        assert_eq!(per_worker.len(), 2);
+        assert!(per_worker.iter().all(|w| w.len() <= 15_000), "each worker holds at most 15,000 readers");
+        assert_eq!(per_hub, vec![10_000; 3], "round robin over the hubs");
+        assert!(per_hub.iter().all(|&n| n < 19_000));
+        let mut by_source: BTreeMap<std::net::Ipv4Addr, u32> = BTreeMap::new();
+        for spec in per_worker.iter().flatten() {
+            *by_source.entry(spec.source.expect("spread over sources")).or_default() += 1;
+        }
+        assert!(by_source.values().all(|&n| n <= 1000), "at most 1,000 readers per source address");
+        let dropping = per_worker.iter().flatten().filter(|s| s.drops).count();
+        assert_eq!(dropping, 15_000, "half of them drop in a storm");
+        for w in &per_worker {
+            assert_eq!(w.iter().filter(|s| s.drops).count(), w.len() / 2, "each worker drops half of its readers");
+        }
+        let hubs_of_droppers: BTreeSet<u8> = per_worker.iter().flatten().filter(|s| s.drops).map(|s| s.hub).collect();
+        assert_eq!(hubs_of_droppers.len(), 3, "the dropping half is on every hub");
+    }
+
+    #[test]
+    fn drop_shares() {
+        assert_eq!((0..10).filter(|&i| drops(i, 50.0)).count(), 5);
+        assert_eq!((0..10).filter(|&i| drops(i, 100.0)).count(), 10);
+        assert_eq!((0..1000).filter(|&i| drops(i, 12.5)).count(), 125);
     }
 }
