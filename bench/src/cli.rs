@@ -198,9 +198,11 @@ pub(crate) struct Args {
     #[arg(long, default_value_t = 50.0)]
     pub(crate) storm_drop_pct: f64,
 
-    /// Multi-hub: hubs to start (ignored with `--url`).
-    #[arg(long, default_value_t = 3)]
-    pub(crate) hubs: usize,
+    /// Hubs to start (ignored with `--url`). Default: 3 for `multi-hub`, 1
+    /// otherwise; more than one hub runs on PostgreSQL and Redis as in
+    /// `multi-hub` (e.g. a `storm` larger than one hub's open files).
+    #[arg(long)]
+    pub(crate) hubs: Option<usize>,
     /// Multi-hub: where the publisher publishes.
     #[arg(long, value_enum, default_value = "first")]
     pub(crate) publish_to: PublishTo,
@@ -253,6 +255,11 @@ impl Args {
         })
     }
 
+    /// Hubs the bench starts.
+    pub(crate) fn hubs(&self) -> usize {
+        self.hubs.unwrap_or(if self.scenario == Scenario::MultiHub { 3 } else { 1 })
+    }
+
     /// Whether readers resume with `since=`.
     pub(crate) fn resume(&self) -> bool {
         self.resume.unwrap_or(self.scenario == Scenario::Storm)
@@ -291,8 +298,11 @@ impl Args {
                 return Err("--storm-drop-pct must be above 0 and at most 100".into());
             }
         }
-        if self.scenario == Scenario::MultiHub && self.url.is_empty() && !(1..=16).contains(&self.hubs) {
+        if !(1..=16).contains(&self.hubs()) {
             return Err("--hubs must be between 1 and 16".into());
+        }
+        if self.hubs.is_some() && !self.url.is_empty() {
+            return Err("--hubs starts hubs; with --url the hubs are the URLs given".into());
         }
         let hubs = if self.url.is_empty() { 1 } else { self.url.len() };
         for (name, list) in [("--subscribe-url", &self.subscribe_url), ("--publish-url", &self.publish_url)] {
@@ -400,5 +410,9 @@ mod tests {
         let bad =
             Args::parse_from(["spillway-bench", "multi-hub", "--url", "http://127.0.0.1:1", "--server-pid", "1,2"]);
         assert!(bad.validate().is_err());
+        assert_eq!(Args::parse_from(["spillway-bench", "multi-hub"]).hubs(), 3);
+        assert_eq!(Args::parse_from(["spillway-bench", "storm"]).hubs(), 1);
+        assert_eq!(Args::parse_from(["spillway-bench", "storm", "--hubs", "3"]).hubs(), 3);
+        assert!(Args::parse_from(["spillway-bench", "storm", "--hubs", "0"]).validate().is_err());
     }
 }

@@ -169,9 +169,9 @@ pub(crate) struct Services {
 }
 
 impl Hubs {
-    /// Attaches to every `--url`; or, for `multi-hub`, creates a database
-    /// and a Redis prefix and starts `--hubs` servers on them; or starts one
-    /// server.
+    /// Attaches to every `--url`; or, for several hubs (`multi-hub`, or
+    /// `--hubs N`), creates a database and a Redis prefix and starts the hubs
+    /// on them; or starts one server.
     pub(crate) async fn start(args: &Args) -> Result<Hubs, String> {
         if !args.url.is_empty() {
             let mut servers = Vec::new();
@@ -186,7 +186,7 @@ impl Hubs {
                 default_server_bin().ok_or("no --server-bin or --url given, and no target/release/spillway found")?
             }
         };
-        if args.scenario != Scenario::MultiHub {
+        if args.hubs() == 1 && args.scenario != Scenario::MultiHub {
             return Ok(Hubs { servers: vec![Server::spawn(args, &bin, &[]).await?], services: None });
         }
         let admin = PgUrl::parse(&args.pg_admin_url)?;
@@ -207,7 +207,7 @@ impl Hubs {
             prefix: format!("bench-{tag}"),
         };
         let mut hubs = Hubs { servers: Vec::new(), services: Some(svc.clone()) };
-        for h in 1..=args.hubs {
+        for h in 1..=args.hubs() {
             let extra: Vec<String> = vec![
                 "--database-url".into(),
                 svc.database_url.clone(),
