@@ -132,9 +132,60 @@ pub(crate) async fn run(args: Args, limits: Option<FileLimits>) -> Result<Value,
     let start = Instant::now();
     let loadavg_start = crate::report::loadavg();
     let started_unix_ms = now_ns() / 1_000_000;
-    let mut hubs = Hubs::start(&args).await?;
-    let outcome = run_with_server(&args, &hubs, start, started_unix_ms, limits, &mix, readers, loadavg_start).await;
-    if outcome.is_err() {
+    // SIGINT is ours from here on, so that no interruption leaves hubs, a
+    // database or Redis keys behind: hubs being started are waited for (a
+    // bounded wait) and then stopped.
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| format!("cannot listen for Ctrl-C: {e}"))?;
+    let mut hubs = {
+        let mut starting = std::pin::pin!(Hubs::start(&args));
+        let mut interrupted = false;
+        let mut hubs = loop {
+            tokio::select! {
+                hubs = &mut starting => break hubs?,
+                _ = sigint.recv() => {
+                    interrupted = true;
+                    eprintln!("interrupted; stopping once the hubs are up");
+                }
+            }
+        };
+        if interrupted {
+            hubs.stop().await;
+            return Err("interrupted before the readers came".into());
+        }
+        hubs
+    };
+    // Ctrl-C while publishing shortens the run (the publishing phase listens
+    // for it and reports what it has); at any other moment it ends the run
+    // here, so the hubs are still stopped and a multi-hub run's database and
+    // Redis keys removed.
+    let publishing = Arc::new(AtomicBool::new(false));
+    let outcome = {
+        let run = run_with_server(
+            &args,
+            &hubs,
+            start,
+            started_unix_ms,
+            limits,
+            &mix,
+            readers,
+            loadavg_start,
+            Arc::clone(&publishing),
+        );
+        let mut run = std::pin::pin!(run);
+        loop {
+            tokio::select! {
+                outcome = &mut run => break outcome,
+                _ = sigint.recv() => {
+                    if !publishing.load(Ordering::Relaxed) {
+                        break Err("interrupted; stopping the hubs and cleaning up".to_string());
+                    }
+                }
+            }
+        }
+        // The run (its workers included) is dropped here, before the hubs stop.
+    };
+    if outcome.as_ref().is_err_and(|e| !e.starts_with("interrupted")) {
         for (h, server) in hubs.servers.iter().enumerate().filter(|(_, s)| s.spawned) {
             eprintln!("hub {} log (last lines):\n{}", h + 1, server.tail());
         }
@@ -153,6 +204,7 @@ async fn run_with_server(
     mix: &[(Profile, f64)],
     readers: usize,
     loadavg_start: Option<[f64; 3]>,
+    publishing: Arc<AtomicBool>,
 ) -> Result<Value, String> {
     let server = hubs.servers.first().ok_or("no server")?;
     let n_hubs = hubs.servers.len();
@@ -404,10 +456,12 @@ async fn run_with_server(
     }
     let acked_before = ctx.pub_stats.acked.load(Ordering::Relaxed);
     let ack_hist_before = ctx.pub_stats.ack.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    publishing.store(true, Ordering::Relaxed);
     let interrupted = tokio::select! {
         () = tokio::time::sleep_until(until) => false,
         _ = tokio::signal::ctrl_c() => true,
     };
+    publishing.store(false, Ordering::Relaxed);
     for task in tasks {
         if interrupted {
             task.abort();
