@@ -29,6 +29,8 @@ pub(crate) struct Inputs<'a> {
     pub(crate) hubs: &'a Hubs,
     /// Readers assigned to each hub.
     pub(crate) readers_per_hub: &'a [u64],
+    /// Kernel memory of every hub's sockets at the end of publishing.
+    pub(crate) hub_ss_end: &'a [Option<SsSample>],
     /// Every hub's moments: before readers, connected, run start, run end.
     pub(crate) hub_moments: [&'a [Moment]; 4],
     pub(crate) storm: Option<StormInputs>,
@@ -620,6 +622,7 @@ fn hub_entries(
                 "rss_peak_bytes": peak,
                 "cpu_run_s": cpu,
                 "server_deliveries_run": deliveries,
+                "kernel_end": i.hub_ss_end.get(h).and_then(Option::as_ref).map(|s| s.total),
                 "fast_latency_ms": Summary::of(&latency[h]),
                 "freshness": {
                     "live": counts[h].0,

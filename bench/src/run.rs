@@ -471,6 +471,12 @@ async fn run_with_server(
     let run_secs = (run_start.t_s - ctx.t()).abs();
     let run_end_hubs = ctx.moments().await;
     let run_end = run_end_hubs[0].clone();
+    // Every hub's sockets at the end (the `ss` series follows hub 1 only).
+    let mut hub_ss_end = Vec::with_capacity(hubs.servers.len());
+    for server in &hubs.servers {
+        let port = server.addr.port();
+        hub_ss_end.push(tokio::task::spawn_blocking(move || procfs::ss_sample(port)).await.ok().flatten());
+    }
     let ss_end = ctx.ss_now().await;
     let acked_run = ctx.pub_stats.acked.load(Ordering::Relaxed) - acked_before;
 
@@ -531,6 +537,7 @@ async fn run_with_server(
         connect,
         hubs,
         readers_per_hub: &readers_per_hub,
+        hub_ss_end: &hub_ss_end,
         hub_moments: [&before_hubs, &connected_hubs, &run_start_hubs, &run_end_hubs],
         storm: storm.then_some(crate::report::StormInputs { at_unix_ns: storm_at_ns, at_s: storm_at_s }),
         before: &before,

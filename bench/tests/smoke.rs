@@ -392,6 +392,7 @@ fn multi_hub_over_postgres_and_redis() {
                 "fast_latency_ms.p99_ms",
                 "freshness.on_final",
                 "freshness.after_last_publish_ms.max_ms",
+                "kernel_end",
             ],
         );
         assert_eq!(h["readers"], 50, "readers are spread round robin");
