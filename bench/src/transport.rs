@@ -320,6 +320,9 @@ impl Http {
     async fn read_head(&mut self) -> io::Result<Head> {
         let end = loop {
             if let Some(i) = find(&self.buf, b"\r\n\r\n") {
+                if i > MAX_HEAD {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "response head over 64 KiB"));
+                }
                 break i;
             }
             if self.buf.len() > MAX_HEAD {
@@ -651,5 +654,144 @@ impl AsyncWrite for Paced {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    fn opts() -> SocketOpts {
+        SocketOpts { source: None, rcvbuf: None, bandwidth: None, read_buffer: 4096, long_poll_wait_s: 20.0 }
+    }
+
+    /// A one-connection server: for each request head it reads, it writes
+    /// the next canned answer; it returns the request heads it saw.
+    async fn serve(answers: Vec<Vec<u8>>) -> (SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            let mut seen = Vec::new();
+            for answer in answers {
+                let mut head = Vec::new();
+                while find(&head, b"\r\n\r\n").is_none() {
+                    let mut b = [0u8; 1024];
+                    let n = socket.read(&mut b).await.expect("read");
+                    if n == 0 {
+                        return seen;
+                    }
+                    head.extend_from_slice(&b[..n]);
+                }
+                seen.push(String::from_utf8_lossy(&head).into_owned());
+                // Written in small pieces, so that the client meets split
+                // chunk sizes, lines and events.
+                for piece in answer.chunks(7) {
+                    socket.write_all(piece).await.expect("write");
+                    socket.flush().await.expect("flush");
+                }
+            }
+            seen
+        });
+        (addr, task)
+    }
+
+    fn chunked(parts: &[&str]) -> Vec<u8> {
+        let mut out =
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        for p in parts {
+            out.extend_from_slice(format!("{:x}\r\n{p}\r\n", p.len()).as_bytes());
+        }
+        out.extend_from_slice(b"0\r\n\r\n");
+        out
+    }
+
+    #[tokio::test]
+    async fn sse_events_across_chunks_and_a_refusal_notice() {
+        let body = chunked(&[
+            "retry: 2700\ndata: {\"type\":\"hello\"}\n",
+            "\ndata: {\"type\":\"snapshot\",\"epoch\":\"00000000000000ab\",\"version\":3,\"state\":{\"seq\":2}}\nid: x\n\n",
+            ": comment\n\ndata: {\"type\":\"notice\",\"reason\":\"overload\",\"retry_after_ms\":1840}\n\n",
+        ]);
+        let (addr, server) = serve(vec![body]).await;
+        let url = format!("http://{addr}/v1/topics/t/events");
+        let mut conn =
+            Conn::connect(TransportKind::Sse, addr, &url, Some("00000000000000ab:1"), opts(), Duration::from_secs(5))
+                .await
+                .expect("connect");
+        let Event::Frame(hello) = conn.next().await else { panic!("hello expected") };
+        assert_eq!(&hello[..], br#"{"type":"hello"}"#);
+        assert_eq!(conn.sse_retry(), Some(2700));
+        let Event::Frame(snapshot) = conn.next().await else { panic!("snapshot expected") };
+        assert_eq!(frame::position(&snapshot).as_deref(), Some("00000000000000ab:3"));
+        let Event::Frame(notice) = conn.next().await else { panic!("notice expected") };
+        let refusal = Refusal::of_notice(&notice, conn.sse_retry()).expect("a notice is a refusal");
+        assert_eq!((refusal.reason.as_str(), refusal.retry_after_ms), ("overload", Some(1840)));
+        assert!(matches!(conn.next().await, Event::Eof), "the stream ends with the body");
+        let heads = server.await.expect("server");
+        assert!(heads[0].starts_with("GET /v1/topics/t/events?since=00000000000000ab:1 HTTP/1.1\r\n"), "{heads:?}");
+    }
+
+    #[tokio::test]
+    async fn long_poll_follows_its_position() {
+        let snapshot = |v: u64| {
+            let body = format!(r#"{{"topic":"t","epoch":"00000000000000ab","version":{v},"state":{{"seq":{v}}}}}"#);
+            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len()).into_bytes()
+        };
+        let not_modified = b"HTTP/1.1 304 Not Modified\r\netag: W/\"x\"\r\n\r\n".to_vec();
+        let body = r#"{"error":"overloaded","reason":"accept_rate","retry_after_ms":1234}"#;
+        let refused = format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-length: {}\r\nretry-after: 2\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes();
+        let (addr, server) = serve(vec![snapshot(1), not_modified, snapshot(2), refused]).await;
+        let url = format!("http://{addr}/v1/topics/t");
+        let mut conn = Conn::connect(TransportKind::LongPoll, addr, &url, None, opts(), Duration::from_secs(5))
+            .await
+            .expect("connect");
+        let Event::Frame(first) = conn.next().await else { panic!("first answer expected") };
+        assert_eq!(frame::position(&first).as_deref(), Some("00000000000000ab:1"));
+        // The 304 is skipped: the next frame is version 2.
+        let Event::Frame(second) = conn.next().await else { panic!("version 2 expected") };
+        assert_eq!(frame::position(&second).as_deref(), Some("00000000000000ab:2"));
+        let event = conn.next().await;
+        let Event::Refused(r) = event else { panic!("a refusal expected, got {event:?}") };
+        assert_eq!((r.reason.as_str(), r.retry_after_ms), ("accept_rate", Some(1234)));
+        let heads = server.await.expect("server");
+        assert!(heads[0].starts_with("GET /v1/topics/t HTTP/1.1"), "a plain GET first: {heads:?}");
+        assert!(heads[1].starts_with("GET /v1/topics/t?since=00000000000000ab:1&wait=20 HTTP/1.1"), "{heads:?}");
+        assert!(heads[2].starts_with("GET /v1/topics/t?since=00000000000000ab:1&wait=20 "), "{heads:?}");
+        assert!(heads[3].starts_with("GET /v1/topics/t?since=00000000000000ab:2&wait=20 "), "{heads:?}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_upgrade_and_an_oversized_head() {
+        let body = r#"{"error":"overloaded","reason":"max_connections","retry_after_ms":4321}"#;
+        let answer = format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 5\r\n\r\n{body}",
+            body.len()
+        );
+        let (addr, _server) = serve(vec![answer.into_bytes()]).await;
+        let url = format!("ws://{addr}/v1/topics/t/ws");
+        match Conn::connect(TransportKind::Ws, addr, &url, None, opts(), Duration::from_secs(5)).await {
+            Err(ConnectError::Refused(r)) => {
+                assert_eq!((r.reason.as_str(), r.retry_after_ms), ("max_connections", Some(4321)));
+            }
+            other => panic!("a refusal expected, got {:?}", other.map(|_| ())),
+        }
+        // A response head over MAX_HEAD is an error, not an unbounded buffer.
+        let mut huge = b"HTTP/1.1 200 OK\r\nx-pad: ".to_vec();
+        huge.extend(std::iter::repeat_n(b'x', MAX_HEAD + 10));
+        huge.extend_from_slice(b"\r\n\r\n");
+        let (addr, _server) = serve(vec![huge]).await;
+        let url = format!("http://{addr}/v1/topics/t/events");
+        match Conn::connect(TransportKind::Sse, addr, &url, None, opts(), Duration::from_secs(5)).await {
+            Err(ConnectError::Failed(e)) => assert!(e.to_string().contains("64 KiB"), "{e}"),
+            other => panic!("a failure expected, got {:?}", other.map(|_| ())),
+        }
     }
 }

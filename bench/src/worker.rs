@@ -794,3 +794,29 @@ async fn finish(shared: &Shared, finals: &[u64], last_publish_ns: &[u64], grace_
     }
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_full_jitter_floored_by_the_hint() {
+        for attempt in 0..8 {
+            let window = (500u64 << attempt).min(30_000);
+            let d = client_backoff(500, 30_000, attempt, None);
+            assert!(d < Duration::from_millis(window), "attempt {attempt}: {d:?}");
+            let hinted = client_backoff(500, 30_000, attempt, Some(20_000));
+            assert!(hinted >= Duration::from_millis(20_000) && hinted < Duration::from_millis(30_000));
+        }
+        // A hint above five minutes is capped there, as the client does.
+        assert_eq!(client_backoff(1, 1, 0, Some(10_000_000)), Duration::from_millis(MAX_HINT_MS));
+    }
+
+    #[test]
+    fn close_reasons_carry_hints() {
+        let end = End::of(&Event::Closed { code: 4001, reason: r#"{"retry_after_ms":2500}"#.into() });
+        assert_eq!((end.label.as_str(), end.retry_after_ms), ("close-4001", Some(2500)));
+        let refused = End::of(&Event::Refused(Refusal { reason: "accept_rate".into(), retry_after_ms: Some(9) }));
+        assert_eq!((refused.label.as_str(), refused.refused.as_deref()), ("refused-accept_rate", Some("accept_rate")));
+    }
+}
