@@ -42,6 +42,17 @@ impl Refusal {
     }
 }
 
+/// How a reader arrives, for the token bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arrival {
+    /// A new reader.
+    New,
+    /// A reader naming a position it holds: may use the reserved share.
+    Resuming,
+    /// The same reader again on an admitted connection: no token needed.
+    Continuing,
+}
+
 /// A refused subscription and when to come back.
 #[derive(Debug, Clone, Copy)]
 pub struct Refused {
@@ -102,6 +113,17 @@ impl Admission {
     /// Admits a subscription from `ip`, or says why not and when to retry.
     /// `resuming` readers may use the reserved part of the bucket.
     pub fn admit(self: &Arc<Self>, ip: IpAddr, resuming: bool) -> Result<Permit, Refused> {
+        self.admit_as(ip, if resuming { Arrival::Resuming } else { Arrival::New })
+    }
+
+    /// Admits a reader that is continuing on a connection already admitted
+    /// before (a long-poll's next poll): the caps apply, the bucket does not.
+    pub fn admit_continuing(self: &Arc<Self>, ip: IpAddr) -> Result<Permit, Refused> {
+        self.admit_as(ip, Arrival::Continuing)
+    }
+
+    fn admit_as(self: &Arc<Self>, ip: IpAddr, arrival: Arrival) -> Result<Permit, Refused> {
+        let resuming = arrival == Arrival::Resuming;
         let refuse = |why: Refusal, base_ms: u64| {
             self.refused[why as usize].fetch_add(1, Ordering::Relaxed);
             Err(Refused { why, retry_after_ms: jittered_ms(base_ms, base_ms.max(1000) * 2) })
@@ -124,7 +146,7 @@ impl Admission {
         }
         // From here on a refusal gives the per-address place back.
         let permit = Permit { admission: Arc::clone(self), ip };
-        {
+        if arrival != Arrival::Continuing {
             let mut bucket = self.bucket.lock().unwrap_or_else(PoisonError::into_inner);
             let now = Instant::now();
             let refill = now.duration_since(bucket.refilled).as_secs_f64() * self.rate;

@@ -108,3 +108,11 @@ pub struct Peer {
     /// The connection's socket. Valid while the request is being served.
     pub fd: RawFd,
 }
+
+/// Set on a connection once one of its long-polls has been answered: the
+/// next poll on it is the same reader continuing, not a new subscription,
+/// so admission's token bucket (meant for storms of new readers) lets it
+/// through; the connection caps still apply. One per connection, shared by
+/// its requests.
+#[derive(Debug, Clone, Default)]
+pub struct Polled(pub std::sync::Arc<std::sync::atomic::AtomicBool>);

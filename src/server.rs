@@ -229,9 +229,11 @@ fn service(
 > + Send
 + 'static {
     let router = TowerToHyperService::new(app);
+    let polled = crate::net::Polled::default();
     service_fn(move |mut request: Request<Incoming>| {
         started.store(true, Ordering::Release);
         request.extensions_mut().insert(ConnectInfo(peer));
+        request.extensions_mut().insert(polled.clone());
         let refuse = emergency && !EMERGENCY_PATHS.contains(&request.uri().path());
         let routed = (!refuse).then(|| router.call(request));
         async move {

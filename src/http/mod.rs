@@ -86,9 +86,13 @@ impl Settings {
         headers: &axum::http::HeaderMap,
         resuming: bool,
     ) -> Result<crate::admission::Permit, crate::admission::Refused> {
+        admission.admit(self.client_ip(peer, headers), resuming)
+    }
+
+    /// The client's address: the peer, or what a trusted proxy says.
+    pub fn client_ip(&self, peer: &crate::net::Peer, headers: &axum::http::HeaderMap) -> std::net::IpAddr {
         let forwarded = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
-        let ip = crate::admission::client_ip(peer.addr.ip(), forwarded, &self.trusted_proxies);
-        admission.admit(ip, resuming)
+        crate::admission::client_ip(peer.addr.ip(), forwarded, &self.trusted_proxies)
     }
 
     /// A moment in the drain window, drawn uniformly, at which a reader is

@@ -285,8 +285,8 @@ impl<'a> Connection<'a> {
                     }
                     // The client went away; nothing to count.
                     Io::Incoming(None) => break,
-                    Io::Flushed(Err(_)) => {
-                        if self.closing.is_none() {
+                    Io::Flushed(Err(error)) => {
+                        if self.closing.is_none() && !client_went_away(&error) {
                             self.app.metrics.cutoff(Cutoff::SocketError);
                         }
                         break;
@@ -301,7 +301,7 @@ impl<'a> Connection<'a> {
                             self.app.metrics.cutoff(Cutoff::TooBig);
                             self.close(&mut socket, close::TOO_BIG);
                         } else {
-                            if self.closing.is_none() {
+                            if self.closing.is_none() && !client_went_away(&error) {
                                 self.app.metrics.cutoff(Cutoff::SocketError);
                             }
                             break;
@@ -506,6 +506,29 @@ enum Kind {
     Text,
     /// Ping, pong or close (invisible to browser code).
     Control,
+}
+
+/// Whether a socket error means the client ended the connection itself
+/// (a reset, or an end without a close frame), which is not a cut-off, as
+/// opposed to the kernel giving up on an unresponsive peer
+/// (`TCP_USER_TIMEOUT`), which is.
+fn client_went_away(error: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            );
+        }
+        source = cause.source();
+    }
+    // tungstenite reports an end of stream without a close frame as a
+    // protocol error, not an I/O one.
+    error.to_string().contains("without closing handshake")
 }
 
 /// A text message from bytes we built ourselves as UTF-8.

@@ -276,3 +276,25 @@ async fn an_event_stream_that_stays_behind_is_cut_off_as_stale() {
     assert!(seen.windows(16).any(|w| w == br#""reason":"stale""#), "with a stale notice and a hint");
     assert!(s.metric("spillway_cutoffs_total{reason=\"stale\"}").await >= 1.0);
 }
+
+#[tokio::test]
+async fn a_client_that_resets_its_connection_is_not_counted_as_a_cut_off() {
+    let s = Server::start(&[]).await;
+    s.publish("r", &json!({"n": 0})).await;
+    let stream = TcpStream::connect(s.addr).await.expect("connect");
+    let (mut ws, _) = tokio_tungstenite::client_async(s.ws_url("/v1/topics/r/ws"), stream).await.expect("handshake");
+    ws.next().await.expect("hello").expect("ok");
+    ws.next().await.expect("snapshot").expect("ok");
+    // Vanish with a reset, as a phone losing its network or a killed tab can.
+    let socket = socket2::SockRef::from(ws.get_ref());
+    socket.set_linger(Some(Duration::ZERO)).expect("linger");
+    drop(ws);
+    for _ in 0..100 {
+        if s.metric("spillway_connections{transport=\"ws\"}").await == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(s.metric("spillway_connections{transport=\"ws\"}").await, 0.0);
+    assert_eq!(s.metric("spillway_cutoffs_total{reason=\"socket_error\"}").await, 0.0, "the client left; no cut-off");
+}
