@@ -28,6 +28,13 @@ const TICK: Duration = Duration::from_millis(100);
 /// it again: freed buffers take a moment to leave the allocator's books.
 const RSS_SETTLE: Duration = Duration::from_secs(1);
 
+/// A frame in flight for less than this is a reader keeping up (a 64 KiB
+/// state takes half a second on a 1 Mbit/s link), not a stalled one: the
+/// guard never cuts it, however far over a mark the process is. Without this
+/// floor, a limit that cutting stalled readers cannot satisfy would go on to
+/// cut healthy readers caught with a frame on the wire.
+const MIN_STUCK_MS: u64 = 1000;
+
 /// The guard's marks, in bytes; a zero high-water mark turns a limit off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -130,6 +137,9 @@ pub async fn run(
             if rss > limits.memory_high && Instant::now() >= next_rss_round {
                 next_rss_round = Instant::now() + RSS_SETTLE;
                 need = need.max(rss - limits.memory_low);
+                // Part of RSS may be memory freed but kept by the allocator;
+                // hand it back before judging how much to cut next time.
+                tokio::task::spawn_blocking(crate::net::release_free_memory);
                 // A cut connection frees more than its unflushed frame: its
                 // buffers, task and registry entry. Estimate that share.
                 overhead = rss / (connections.len() as u64).max(1);
@@ -138,12 +148,13 @@ pub async fn run(
         if need == 0 {
             continue;
         }
+        let stuck_before = crate::metrics::process_ms().saturating_sub(MIN_STUCK_MS);
         let candidates: Vec<Candidate> = connections
             .list()
             .iter()
             .filter_map(|c| {
                 let since_ms = c.in_flight_since_ms.load(Ordering::Relaxed);
-                (since_ms != 0 && since_ms != EVICTED).then(|| Candidate {
+                (since_ms != 0 && since_ms != EVICTED && since_ms <= stuck_before).then(|| Candidate {
                     id: c.id,
                     since_ms,
                     bytes: c.in_flight_bytes.load(Ordering::Relaxed),
@@ -159,12 +170,22 @@ pub async fn run(
             continue;
         }
         tracing::info!(readers = chosen.len(), need, "memory guard: cutting off the stalest readers");
+        let chosen: std::collections::HashSet<u64> = chosen.into_iter().collect();
         for c in connections.list().iter().filter(|c| chosen.contains(&c.id)) {
             c.in_flight_since_ms.store(EVICTED, Ordering::Relaxed);
             metrics.cutoff(Cutoff::Memory);
             // `notify_one` stores a permit, so a connection busy elsewhere in
             // its loop still sees it at its next wait.
             c.evict.notify_one();
+        }
+        if overhead > 0 {
+            // The memory of the readers just cut is freed over the next
+            // second (their close grace); hand it back to the system then,
+            // or glibc keeps it and RSS never shows the cut.
+            tokio::spawn(async {
+                tokio::time::sleep(Duration::from_millis(1200)).await;
+                let _ = tokio::task::spawn_blocking(crate::net::release_free_memory).await;
+            });
         }
     }
 }
