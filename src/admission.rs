@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
@@ -25,6 +25,9 @@ pub enum Refusal {
     PerIp,
     /// The token bucket is empty (a reconnect storm).
     Rate,
+    /// The process is over its memory limit; the memory guard is cutting
+    /// readers off and new ones would only take their place.
+    Memory,
 }
 
 impl Refusal {
@@ -34,8 +37,20 @@ impl Refusal {
             Refusal::Full => "max_connections",
             Refusal::PerIp => "per_ip",
             Refusal::Rate => "accept_rate",
+            Refusal::Memory => "memory",
         }
     }
+}
+
+/// How a reader arrives, for the token bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arrival {
+    /// A new reader.
+    New,
+    /// A reader naming a position it holds: may use the reserved share.
+    Resuming,
+    /// The same reader again on an admitted connection: no token needed.
+    Continuing,
 }
 
 /// A refused subscription and when to come back.
@@ -71,7 +86,10 @@ pub struct Admission {
     /// Admitted subscriptions.
     pub admitted: AtomicU64,
     /// Refused subscriptions, by `Refusal`.
-    refused: [AtomicU64; 3],
+    refused: [AtomicU64; 4],
+    /// Set by the memory guard while the process is above its memory
+    /// limit's high-water mark.
+    pub memory_pressure: AtomicBool,
 }
 
 impl Admission {
@@ -88,18 +106,33 @@ impl Admission {
             bucket: Mutex::new(Bucket { tokens: f64::from(burst.max(1)), refilled: Instant::now() }),
             admitted: AtomicU64::new(0),
             refused: Default::default(),
+            memory_pressure: AtomicBool::new(false),
         })
     }
 
     /// Admits a subscription from `ip`, or says why not and when to retry.
     /// `resuming` readers may use the reserved part of the bucket.
     pub fn admit(self: &Arc<Self>, ip: IpAddr, resuming: bool) -> Result<Permit, Refused> {
+        self.admit_as(ip, if resuming { Arrival::Resuming } else { Arrival::New })
+    }
+
+    /// Admits a reader that is continuing on a connection already admitted
+    /// before (a long-poll's next poll): the caps apply, the bucket does not.
+    pub fn admit_continuing(self: &Arc<Self>, ip: IpAddr) -> Result<Permit, Refused> {
+        self.admit_as(ip, Arrival::Continuing)
+    }
+
+    fn admit_as(self: &Arc<Self>, ip: IpAddr, arrival: Arrival) -> Result<Permit, Refused> {
+        let resuming = arrival == Arrival::Resuming;
         let refuse = |why: Refusal, base_ms: u64| {
             self.refused[why as usize].fetch_add(1, Ordering::Relaxed);
             Err(Refused { why, retry_after_ms: jittered_ms(base_ms, base_ms.max(1000) * 2) })
         };
         if self.open.load(Ordering::Relaxed) >= self.max_connections {
             return refuse(Refusal::Full, 2000);
+        }
+        if self.memory_pressure.load(Ordering::Relaxed) {
+            return refuse(Refusal::Memory, 5000);
         }
         // The per-address cap first: a refusal there must not use a token.
         if self.per_ip_cap > 0 {
@@ -113,7 +146,7 @@ impl Admission {
         }
         // From here on a refusal gives the per-address place back.
         let permit = Permit { admission: Arc::clone(self), ip };
-        {
+        if arrival != Arrival::Continuing {
             let mut bucket = self.bucket.lock().unwrap_or_else(PoisonError::into_inner);
             let now = Instant::now();
             let refill = now.duration_since(bucket.refilled).as_secs_f64() * self.rate;
@@ -137,13 +170,18 @@ impl Admission {
         Ok(permit)
     }
 
+    /// Subscriptions open now.
+    pub fn open_now(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
     /// Refusals so far for `why`.
     pub fn refused(&self, why: Refusal) -> u64 {
         self.refused[why as usize].load(Ordering::Relaxed)
     }
 
     /// Every refusal reason, for metrics.
-    pub const REASONS: [Refusal; 3] = [Refusal::Full, Refusal::PerIp, Refusal::Rate];
+    pub const REASONS: [Refusal; 4] = [Refusal::Full, Refusal::PerIp, Refusal::Rate, Refusal::Memory];
 }
 
 /// An admitted connection; dropping it gives the place back.

@@ -16,12 +16,14 @@ use crate::bus::{Bus, RedisConfig};
 use crate::config::{Config, Secret};
 use crate::http::{AppState, Settings, router};
 use crate::metrics::{Connections, Metrics};
+use crate::server::Stopping;
 use crate::store::{OpenError, Store};
 use crate::topic::Hub;
 
-/// How long shutdown waits, beyond the drain window, for connections to say
-/// goodbye before it stops waiting. Each reader is told to go at its moment
-/// in the window and then needs at most its close grace.
+/// How long shutdown waits, once the drain is over and accepting has
+/// stopped, for connections to say goodbye before it stops waiting. Each
+/// reader was told to go at its moment in the window and needs at most its
+/// close grace.
 const SHUTDOWN_BOUND: Duration = Duration::from_secs(5);
 
 /// Why the server could not start.
@@ -53,19 +55,38 @@ pub struct Application {
     generated_token: Option<Secret>,
     /// Whether to run the simulated match.
     demo: bool,
+    /// This hub's name, reported on the operator page.
+    hub_id: String,
 }
 
 impl Application {
     /// Opens the store, loads every topic into the hub and binds the listener.
     pub async fn build(config: &Config) -> Result<Self, StartError> {
+        // Bind first: until the store is loaded the port answers probes
+        // (`/healthz` alive, `/readyz` not ready) and turns everything else
+        // away with a hint, instead of refusing connections.
+        let listener = bind(config.listen).map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        tracing::info!("bound {local_addr}; not ready until the store is loaded");
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let store = match &config.database_url {
-            Some(url) => Store::open_postgres(url.expose(), &tasks, shutdown.clone()).await?,
-            None => Store::open_sqlite(&config.data_dir, &tasks, shutdown.clone()).await?,
+        let loaded = CancellationToken::new();
+        let starting = crate::server::run(
+            &listener,
+            crate::http::starting_router(),
+            config.header_timeout,
+            Stopping { draining: loaded.clone(), stop_accepting: loaded.clone() },
+            TaskTracker::new(),
+        );
+        let open = async {
+            let opened = open_and_load(config, &tasks, shutdown.clone()).await;
+            loaded.cancel();
+            opened
         };
+        let (served, opened) = tokio::join!(starting, open);
+        served.map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        let (store, loaded) = opened?;
         let hub = Hub::new();
-        let loaded = store.load_all().await?;
         let count = loaded.len();
         for snapshot in loaded {
             hub.apply(snapshot);
@@ -78,7 +99,11 @@ impl Application {
         let hub_id = config.hub_id.clone().unwrap_or_else(default_hub_id);
         let bus = match &config.redis_url {
             Some(url) => {
-                let redis = RedisConfig { url: url.expose().to_string(), prefix: config.redis_prefix.clone(), hub_id };
+                let redis = RedisConfig {
+                    url: url.expose().to_string(),
+                    prefix: config.redis_prefix.clone(),
+                    hub_id: hub_id.clone(),
+                };
                 let bus = Bus::redis(
                     redis.clone(),
                     hub.clone(),
@@ -90,6 +115,7 @@ impl Application {
                 tasks.spawn(crate::ingest::run(
                     redis,
                     config.ingest_max_len,
+                    config.max_topics,
                     hub.clone(),
                     store.clone(),
                     bus.clone(),
@@ -140,18 +166,16 @@ impl Application {
             max_topics: config.max_topics,
             max_staleness: config.max_staleness,
             drain_window: config.drain_window,
+            admin_token: config.admin_token.clone(),
         };
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartError::Bind { addr: config.listen, source })?;
-        let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        let metrics = Arc::new(Metrics::default());
         let state = AppState {
             hub,
             store,
             bus,
             settings: Arc::new(settings),
-            metrics: Arc::new(Metrics::default()),
-            connections: Arc::new(Connections::default()),
+            connections: Arc::new(Connections::new(Arc::clone(&metrics))),
+            metrics,
             admission: crate::admission::Admission::new(
                 config.max_connections,
                 config.max_connections_per_ip,
@@ -161,7 +185,15 @@ impl Application {
             shutdown,
             tasks,
         };
-        Ok(Self { listener, state, local_addr, generated_token, demo: config.demo })
+        let limits = crate::memory::Limits::new(config.send_budget as u64, config.memory_limit as u64);
+        state.tasks.spawn(crate::memory::run(
+            limits,
+            Arc::clone(&state.metrics),
+            Arc::clone(&state.connections),
+            Arc::clone(&state.admission),
+            state.shutdown.clone(),
+        ));
+        Ok(Self { listener, state, local_addr, generated_token, demo: config.demo, hub_id })
     }
 
     /// The address actually bound (useful with port 0).
@@ -173,7 +205,7 @@ impl Application {
     /// every reader (close `1001` with a reconnect hint), finishes queued
     /// commits, and returns within a bounded time.
     pub async fn run_until_stopped(self, stop: impl Future<Output = ()> + Send + 'static) -> io::Result<()> {
-        let Self { listener, state, local_addr, generated_token, demo } = self;
+        let Self { listener, state, local_addr, generated_token, demo, hub_id } = self;
         if let Some(token) = generated_token {
             // Shown once, on the terminal, never in the logs.
             eprintln!(
@@ -198,16 +230,100 @@ impl Application {
             tasks.spawn(crate::demo::run(state.store.clone(), state.hub.clone(), state.bus.clone(), shutdown.clone()));
             tracing::info!("demo mode: a simulated match is live at http://{local_addr}/t/demo");
         }
-        // Returns once the token has fired and accepting has stopped; every
-        // connection is a task in `tasks`, so the wait below covers them too.
+        if state.settings.admin_token.is_some() {
+            // Only the operator page reads the stats topic: without it, no task.
+            tasks.spawn(crate::stats::run(crate::stats::Sources::from_state(&state, Some(hub_id)), shutdown.clone()));
+        }
+        // Accepting goes on while readers drain, so that `/readyz` can say so
+        // and snapshot reads are still served; it stops once every reader has
+        // gone or the window (plus a second of grace) has passed.
+        let stop_accepting = CancellationToken::new();
+        {
+            let (draining, stop, admission) = (shutdown.clone(), stop_accepting.clone(), Arc::clone(&state.admission));
+            tokio::spawn(async move {
+                draining.cancelled().await;
+                let deadline = tokio::time::Instant::now() + drain_window + Duration::from_secs(1);
+                while admission.open_now() > 0 && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                stop.cancel();
+            });
+        }
+        // Returns once accepting has stopped; every connection is a task in
+        // `tasks`, so the wait below covers them too.
         let header_timeout = state.settings.header_timeout;
-        let result = crate::server::run(listener, router(state), header_timeout, shutdown.clone(), tasks.clone()).await;
+        let stopping = Stopping { draining: shutdown.clone(), stop_accepting };
+        let result = crate::server::run(&listener, router(state), header_timeout, stopping, tasks.clone()).await;
+        drop(listener);
         tasks.close();
-        if tokio::time::timeout(drain_window + SHUTDOWN_BOUND, tasks.wait()).await.is_err() {
+        if tokio::time::timeout(SHUTDOWN_BOUND, tasks.wait()).await.is_err() {
             tracing::warn!(remaining = tasks.len(), "shutdown bound reached; dropping what is left");
         }
         tracing::info!("stopped");
         result
+    }
+}
+
+/// The listen backlog asked for (the kernel caps it at `net.core.somaxconn`,
+/// 4096 on current Linux). tokio's default of 1024 overflows in a reconnect
+/// storm, and an overflowing queue drops handshakes, which clients see as
+/// timeouts instead of the quick 503 and hint that admission would give.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the listener with reuse of the address and a storm-sized backlog.
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// How long a shared store may stay unreachable at start before the process
+/// gives up. Meanwhile it stays up and unready, which is what an orchestrator
+/// expects of a service whose database is still coming up.
+const STORE_START_PATIENCE: Duration = Duration::from_secs(300);
+
+/// Opens the store (retrying a PostgreSQL server that cannot be reached yet)
+/// and reads every topic from it.
+async fn open_and_load(
+    config: &Config,
+    tasks: &TaskTracker,
+    shutdown: CancellationToken,
+) -> Result<(Store, Vec<crate::topic::Snapshot>), StartError> {
+    let Some(url) = &config.database_url else {
+        let store = Store::open_sqlite(&config.data_dir, tasks, shutdown).await?;
+        let loaded = store.load_all().await?;
+        return Ok((store, loaded));
+    };
+    let give_up = tokio::time::Instant::now() + STORE_START_PATIENCE;
+    let mut pause = Duration::from_millis(250);
+    loop {
+        let attempt = async {
+            let store = Store::open_postgres(url.expose(), tasks, shutdown.clone()).await?;
+            let loaded = store.load_all().await?;
+            Ok::<_, StartError>((store, loaded))
+        };
+        match attempt.await {
+            Ok(opened) => return Ok(opened),
+            Err(error) if error.is_transient() && tokio::time::Instant::now() < give_up => {
+                tracing::warn!(%error, retry_in = ?pause, "PostgreSQL is not reachable yet; staying unready");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+impl StartError {
+    /// Whether the store could not be reached (worth retrying), as opposed
+    /// to refusing us (bad credentials, a failed migration).
+    fn is_transient(&self) -> bool {
+        let sql = match self {
+            StartError::Store(OpenError(e)) | StartError::Load(e) => e,
+            StartError::Bind { .. } => return false,
+        };
+        matches!(sql, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_))
     }
 }
 

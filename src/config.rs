@@ -104,6 +104,12 @@ pub struct Config {
     #[arg(long = "publish-token", env = "SPILLWAY_PUBLISH_TOKEN", value_delimiter = ',', hide_env_values = true)]
     pub publish_tokens: Vec<Secret>,
 
+    /// Token that opens the operator page `/admin` (a login form, or HTTP
+    /// Basic with any user name and this token as the password). Without it
+    /// the operator page is off and `/admin` answers 404.
+    #[arg(long, env = "SPILLWAY_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<Secret>,
+
     /// Largest accepted publish body, in bytes (suffixes KiB and MiB work).
     #[arg(long, env = "SPILLWAY_MAX_BODY", default_value = "64KiB", value_parser = parse_bytes)]
     pub max_body: usize,
@@ -191,6 +197,20 @@ pub struct Config {
     #[arg(long, env = "SPILLWAY_DRAIN_WINDOW", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_window: Duration,
 
+    /// Most bytes handed to reader sockets and not yet flushed, across all
+    /// readers. Above it the readers whose frame has been stuck longest are
+    /// cut off (close 4004 with a reconnect hint) until usage is below four
+    /// fifths of it. `0` turns the budget off.
+    #[arg(long, env = "SPILLWAY_SEND_BUDGET", default_value = "256MiB", value_parser = parse_bytes)]
+    pub send_budget: usize,
+
+    /// Resident memory the process should stay under (e.g. 80% of the
+    /// container's limit). Above it new subscriptions are refused and the
+    /// stalest readers are cut off until usage is below four fifths of it.
+    /// `0` (the default) turns the limit off.
+    #[arg(long, env = "SPILLWAY_MEMORY_LIMIT", default_value = "0", value_parser = parse_bytes)]
+    pub memory_limit: usize,
+
     /// Time allowed to read a request's headers (slowloris protection).
     #[arg(long, env = "SPILLWAY_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub header_timeout: Duration,
@@ -222,6 +242,9 @@ pub mod limits {
     pub const MAX_BODY_CEILING: usize = 16 * 1024 * 1024;
     /// The smallest useful socket send buffer.
     pub const MIN_SEND_BUFFER: usize = 2048;
+    /// The smallest `--memory-limit` (other than 0, off): below it the
+    /// process's own baseline would keep the guard cutting forever.
+    pub const MIN_MEMORY_LIMIT: usize = 32 * 1024 * 1024;
     /// The most topics per connection we allow configuring.
     pub const MAX_TOPICS_PER_CONNECTION: usize = 1024;
 }
@@ -295,6 +318,12 @@ impl Config {
             if origin != "*" && !valid_origin(origin) {
                 return Err(format!("--allow-origin {origin:?} is not an origin like https://example.com"));
             }
+        }
+        if self.memory_limit != 0 && self.memory_limit < limits::MIN_MEMORY_LIMIT {
+            return Err(format!(
+                "--memory-limit must be 0 (off) or at least {} MiB",
+                limits::MIN_MEMORY_LIMIT / (1024 * 1024)
+            ));
         }
         if self.socket_send_buffer < limits::MIN_SEND_BUFFER {
             return Err(format!("--socket-send-buffer must be at least {} bytes", limits::MIN_SEND_BUFFER));

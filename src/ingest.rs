@@ -9,6 +9,8 @@
 //! Entry fields: `topic` (required), `op` = `put` (default) | `patch` |
 //! `delete`, `state` (a JSON object; required for put and patch).
 
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
@@ -17,7 +19,7 @@ use redis::{AsyncCommands, RedisResult, Value};
 use serde_json::{Map, Value as Json};
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{Bus, RedisConfig};
+use crate::bus::{Bus, IngestDrop, RedisConfig};
 use crate::store::{Change, Store, StreamId, Write, WriteError};
 use crate::topic::{Hub, TopicName};
 
@@ -38,15 +40,24 @@ pub fn group_name(config: &RedisConfig) -> String {
 }
 
 /// Runs the consumer until shutdown, reconnecting as needed.
-pub async fn run(config: RedisConfig, max_len: u64, hub: Hub, store: Store, bus: Bus, shutdown: CancellationToken) {
+pub async fn run(
+    config: RedisConfig,
+    max_len: u64,
+    max_topics: usize,
+    hub: Hub,
+    store: Store,
+    bus: Bus,
+    shutdown: CancellationToken,
+) {
     let mut attempt = 0u32;
     loop {
         let outcome = tokio::select! {
             () = shutdown.cancelled() => return,
-            outcome = consume(&config, max_len, &hub, &store, &bus, &shutdown) => outcome,
+            outcome = consume(&config, max_len, Target { hub: &hub, store: &store, bus: &bus, max_topics }, &shutdown) => outcome,
         };
         if let Err(error) = outcome {
             attempt += 1;
+            bus.stats().ingest_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(%error, attempt, "stream ingest lost Redis; retrying");
             tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -58,12 +69,20 @@ pub async fn run(config: RedisConfig, max_len: u64, hub: Hub, store: Store, bus:
     }
 }
 
+/// Where ingested entries go.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    hub: &'a Hub,
+    store: &'a Store,
+    bus: &'a Bus,
+    /// `--max-topics`, which stream entries respect as publishes do.
+    max_topics: usize,
+}
+
 async fn consume(
     config: &RedisConfig,
     max_len: u64,
-    hub: &Hub,
-    store: &Store,
-    bus: &Bus,
+    target: Target<'_>,
     shutdown: &CancellationToken,
 ) -> RedisResult<()> {
     let mut connection = config.connect("ingest", None, None).await?;
@@ -102,7 +121,7 @@ async fn consume(
                 .await?;
             if !claimed.claimed.is_empty() {
                 tracing::info!(entries = claimed.claimed.len(), "took over entries of a silent consumer");
-                ingest(&mut connection, &key, &group, hub, store, bus, claimed.claimed).await?;
+                ingest(&mut connection, &key, &group, target, claimed.claimed).await?;
             }
         }
         let options = StreamReadOptions::default().group(&group, &consumer).count(BATCH).block(1000);
@@ -112,7 +131,7 @@ async fn consume(
             cursor = ">";
             continue;
         }
-        let all_done = ingest(&mut connection, &key, &group, hub, store, bus, entries).await?;
+        let all_done = ingest(&mut connection, &key, &group, target, entries).await?;
         cursor = if all_done { ">" } else { "0" };
     }
 }
@@ -124,18 +143,36 @@ async fn ingest(
     connection: &mut MultiplexedConnection,
     key: &str,
     group: &str,
-    hub: &Hub,
-    store: &Store,
-    bus: &Bus,
+    target: Target<'_>,
     entries: Vec<Entry>,
 ) -> RedisResult<bool> {
+    let Target { hub, store, bus, max_topics } = target;
+    let stats = bus.stats();
+    let dropped = |why: IngestDrop| stats.ingest_dropped[why as usize].fetch_add(1, Ordering::Relaxed);
     let mut settled: Vec<String> = Vec::with_capacity(entries.len());
     let mut writes = Vec::with_capacity(entries.len());
+    // Topics this batch creates, so a batch cannot overshoot the limit.
+    let mut creating: HashSet<TopicName> = HashSet::new();
     for entry in &entries {
         match parse(entry) {
-            Ok(write) => writes.push((entry.id.clone(), write)),
+            Ok(write) => {
+                let exists = hub.get(write.topic.as_str()).is_some_and(|t| t.live().is_some());
+                if !exists && matches!(write.change, Change::Put(_)) && !creating.contains(&write.topic) {
+                    if hub.live_count() + creating.len() >= max_topics {
+                        // The stream's equivalent of the 507 a PUT gets: the
+                        // entry is settled (retrying cannot help) and counted.
+                        tracing::warn!(id = %entry.id, topic = %write.topic, max_topics, "dropping a stream entry: topic limit reached");
+                        dropped(IngestDrop::TopicLimit);
+                        settled.push(entry.id.clone());
+                        continue;
+                    }
+                    creating.insert(write.topic.clone());
+                }
+                writes.push((entry.id.clone(), write));
+            }
             Err(why) => {
                 tracing::warn!(id = %entry.id, why, "dropping a malformed stream entry");
+                dropped(IngestDrop::Malformed);
                 settled.push(entry.id.clone());
             }
         }
@@ -145,11 +182,13 @@ async fn ingest(
     for ((id, _), result) in writes.into_iter().zip(results) {
         match result {
             Ok(snapshot) => {
+                stats.ingest_committed.fetch_add(1, Ordering::Relaxed);
                 bus.announce(&snapshot);
                 hub.apply(snapshot);
                 settled.push(id);
             }
             Err(WriteError::Superseded) | Err(WriteError::NotFound) | Err(WriteError::PreconditionFailed { .. }) => {
+                dropped(IngestDrop::Superseded);
                 settled.push(id);
             }
             Err(WriteError::Unavailable) => all_done = false,

@@ -33,11 +33,16 @@ pub enum Cutoff {
     SocketError = 6,
     /// The reader stayed behind the newest version for too long.
     Stale = 7,
+    /// The memory guard cut the reader off (it held unflushed bytes the
+    /// longest while the process was over its send budget or memory limit).
+    Memory = 8,
 }
 
 impl Cutoff {
-    const ALL: [Cutoff; 8] = [
+    /// Every reason, in the order metrics list them.
+    pub const ALL: [Cutoff; 9] = [
         Cutoff::Stale,
+        Cutoff::Memory,
         Cutoff::WriteStall,
         Cutoff::HeartbeatLost,
         Cutoff::Policy,
@@ -58,6 +63,7 @@ impl Cutoff {
             Cutoff::Shutdown => "shutdown",
             Cutoff::SocketError => "socket_error",
             Cutoff::Stale => "stale",
+            Cutoff::Memory => "memory",
         }
     }
 }
@@ -100,7 +106,7 @@ pub struct Metrics {
     /// Reader connections accepted since start, by transport.
     accepted: [AtomicU64; 3],
     /// Cut-offs by reason, indexed by `Cutoff`.
-    cutoffs: [AtomicU64; 8],
+    cutoffs: [AtomicU64; 9],
     /// State frames (snapshot, deleted) written to readers.
     pub deliveries: AtomicU64,
     /// Versions readers skipped (coalesced away).
@@ -116,6 +122,103 @@ pub struct Metrics {
     pub publishes_refused: AtomicU64,
     /// Publishes that failed in the store.
     pub publishes_failed: AtomicU64,
+    /// From a publish request's arrival to its acknowledgement (committed
+    /// and installed), for acknowledged publishes.
+    pub publish_latency: Histogram,
+    /// From a version's commit (its `updated_ms`, the committing hub's
+    /// clock) to the moment a reader's socket took the frame.
+    pub delivery_lag: Histogram,
+    /// Bytes handed to reader sockets and not yet flushed to the kernel:
+    /// what the memory guard's send budget bounds.
+    pub bytes_in_flight: AtomicU64,
+}
+
+/// Upper bounds of the latency buckets, in microseconds: from 1 ms to 30 s,
+/// roughly 1-2.5-5 per decade, which is the resolution an operator reads.
+const LATENCY_BOUNDS_US: [u64; 14] = [
+    1_000, 2_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000,
+    10_000_000, 30_000_000,
+];
+
+/// A histogram's per-bucket counts (not cumulative), the last being `+Inf`.
+pub type Buckets = [u64; LATENCY_BOUNDS_US.len() + 1];
+
+/// A latency histogram with fixed buckets: one relaxed add per observation,
+/// no allocation, rendered as a Prometheus histogram in seconds.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative); the last is `+Inf`.
+    buckets: [AtomicU64; LATENCY_BOUNDS_US.len() + 1],
+    sum_us: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, elapsed: std::time::Duration) {
+        self.observe_us(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX));
+    }
+
+    /// Records one observation in microseconds.
+    pub fn observe_us(&self, us: u64) {
+        let index = LATENCY_BOUNDS_US.iter().position(|&bound| us <= bound).unwrap_or(LATENCY_BOUNDS_US.len());
+        self.buckets[index].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// The per-bucket counts (not cumulative), the last being `+Inf`.
+    pub fn snapshot(&self) -> Buckets {
+        std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed))
+    }
+
+    /// The `q` quantile (0..=1) in milliseconds, interpolated within its
+    /// bucket, from per-bucket counts (a `snapshot`, or the difference of two
+    /// for a recent window); `None` without observations.
+    pub fn quantile_ms(counts: &Buckets, q: f64) -> Option<f64> {
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = (q.clamp(0.0, 1.0) * total as f64).max(1.0);
+        let mut seen = 0u64;
+        for (i, &n) in counts.iter().enumerate() {
+            if n > 0 && (seen + n) as f64 >= rank {
+                let low = if i == 0 { 0 } else { LATENCY_BOUNDS_US[i - 1] };
+                // The open-ended bucket reports its lower bound.
+                let high = LATENCY_BOUNDS_US.get(i).copied().unwrap_or(low);
+                let within = (rank - seen as f64) / n as f64;
+                return Some((low as f64 + within * (high - low) as f64) / 1000.0);
+            }
+            seen += n;
+        }
+        None
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, count) in self.snapshot().iter().enumerate() {
+            cumulative += count;
+            let le = LATENCY_BOUNDS_US.get(i).map_or_else(|| "+Inf".to_string(), |us| format!("{}", *us as f64 / 1e6));
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let _ = writeln!(out, "{name}_sum {}", self.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {cumulative}");
+    }
+}
+
+/// Milliseconds since the Unix epoch, for comparing with `updated_ms`.
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl Metrics {
@@ -241,6 +344,30 @@ impl Metrics {
         let _ = writeln!(out, "spillway_store_commit_batch_size_sum {}", load(&store.writes));
         let _ = writeln!(out, "spillway_store_commit_batch_size_count {}", load(&store.commits));
         counter(&mut out, "spillway_store_errors_total", "Store commits that failed.", &[], load(&store.errors));
+        self.publish_latency.render(
+            &mut out,
+            "spillway_publish_latency_seconds",
+            "From a publish request's arrival to its acknowledgement (acknowledged publishes).",
+        );
+        self.delivery_lag.render(
+            &mut out,
+            "spillway_delivery_lag_seconds",
+            "From a version's commit to a reader's socket taking its frame.",
+        );
+        gauge(
+            &mut out,
+            "spillway_bytes_in_flight",
+            "Bytes handed to reader sockets and not yet flushed to the kernel.",
+            &[],
+            load(&self.bytes_in_flight),
+        );
+        counter(
+            &mut out,
+            "spillway_out_of_descriptors_total",
+            "Requests answered 503 from the descriptor reserve because the process was out of file descriptors.",
+            &[],
+            crate::server::OUT_OF_DESCRIPTORS.load(Ordering::Relaxed),
+        );
         gauge(
             &mut out,
             "spillway_bus_up",
@@ -259,6 +386,29 @@ impl Metrics {
         ] {
             counter(&mut out, name, help, &[], load(value));
         }
+        counter(
+            &mut out,
+            "spillway_ingest_entries_total",
+            "Stream entries settled by ingest, by outcome.",
+            &[("result", "committed")],
+            load(&bus.ingest_committed),
+        );
+        for why in crate::bus::IngestDrop::ALL {
+            counter(
+                &mut out,
+                "spillway_ingest_entries_total",
+                "Stream entries settled by ingest, by outcome.",
+                &[("result", "dropped"), ("reason", why.label())],
+                load(&bus.ingest_dropped[why as usize]),
+            );
+        }
+        counter(
+            &mut out,
+            "spillway_ingest_errors_total",
+            "Losses of stream ingest's Redis connection.",
+            &[],
+            load(&bus.ingest_errors),
+        );
         gauge(
             &mut out,
             "spillway_registered_connections",
@@ -337,18 +487,68 @@ pub struct ConnStats {
     pub pending: AtomicU64,
     /// The most state frames ever pending at once.
     pub pending_max: AtomicU64,
+    /// Bytes of the frame handed to the socket and not yet flushed (0 when
+    /// nothing is in flight), for the memory guard.
+    pub in_flight_bytes: AtomicU64,
+    /// Since when (`process_ms`) that frame has been in flight; 0 when none
+    /// is. The memory guard cuts off the oldest first: the reader that has
+    /// been stuck longest is looking at the stalest board.
+    pub in_flight_since_ms: AtomicU64,
+    /// Raised by the memory guard to cut this connection off.
+    pub evict: tokio::sync::Notify,
+}
+
+impl ConnStats {
+    /// Records that `bytes` were handed to the socket and are not yet
+    /// flushed, adding them to the process-wide gauge.
+    pub fn hand_over(&self, metrics: &Metrics, bytes: u64) {
+        self.in_flight_bytes.fetch_add(bytes, Ordering::Relaxed);
+        metrics.bytes_in_flight.fetch_add(bytes, Ordering::Relaxed);
+        // Zero means "nothing in flight", so the clock starts at 1; a frame
+        // queued behind another keeps the first one's clock, and a connection
+        // already cut off keeps its mark.
+        let now = process_ms().clamp(1, EVICTED - 1);
+        let _ = self.in_flight_since_ms.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Records that everything handed over has been flushed.
+    pub fn flushed(&self, metrics: &Metrics) {
+        let bytes = self.in_flight_bytes.swap(0, Ordering::Relaxed);
+        metrics.bytes_in_flight.fetch_sub(bytes, Ordering::Relaxed);
+        let _ =
+            self.in_flight_since_ms.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| (v != EVICTED).then_some(0));
+    }
+}
+
+/// The `in_flight_since_ms` of a connection the memory guard has cut off:
+/// the guard neither picks it again nor counts its bytes, which are freed
+/// when its close grace ends.
+pub const EVICTED: u64 = u64::MAX;
+
+/// Milliseconds since the process first asked; a cheap monotonic clock that
+/// fits in an atomic.
+pub fn process_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    u64::try_from(START.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The registry of open reader connections. A `std` mutex: entries are
 /// added and removed once per connection and listed on demand, never held
 /// across an await.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Connections {
     next_id: AtomicU64,
     open: Mutex<HashMap<u64, Arc<ConnStats>>>,
+    /// Where a closing connection gives back the bytes it still had in flight.
+    metrics: Arc<Metrics>,
 }
 
 impl Connections {
+    /// An empty registry whose connections account to `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { next_id: AtomicU64::new(0), open: Mutex::new(HashMap::new()), metrics }
+    }
+
     /// Registers a connection; it is removed when the guard drops.
     pub fn register(self: &Arc<Self>, transport: &'static str, topic: String, peer: SocketAddr) -> ConnGuard {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
@@ -362,6 +562,9 @@ impl Connections {
             skipped: AtomicU64::new(0),
             pending: AtomicU64::new(0),
             pending_max: AtomicU64::new(0),
+            in_flight_bytes: AtomicU64::new(0),
+            in_flight_since_ms: AtomicU64::new(0),
+            evict: tokio::sync::Notify::new(),
         });
         self.open.lock().unwrap_or_else(PoisonError::into_inner).insert(id, Arc::clone(&stats));
         ConnGuard { registry: Arc::clone(self), stats }
@@ -395,6 +598,9 @@ pub struct ConnGuard {
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
+        // Whatever was still in flight is freed with the connection.
+        let bytes = self.stats.in_flight_bytes.swap(0, Ordering::Relaxed);
+        self.registry.metrics.bytes_in_flight.fetch_sub(bytes, Ordering::Relaxed);
         self.registry.open.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.stats.id);
     }
 }

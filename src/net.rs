@@ -1,5 +1,5 @@
 //! Operating-system knobs: the open-files limit and per-socket options. The
-//! only module allowed `unsafe` (two libc calls), each call commented.
+//! only module allowed `unsafe` (a few libc calls), each call commented.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -107,4 +107,25 @@ pub struct Peer {
     pub addr: SocketAddr,
     /// The connection's socket. Valid while the request is being served.
     pub fd: RawFd,
+}
+
+/// Set on a connection once one of its long-polls has been answered: the
+/// next poll on it is the same reader continuing, not a new subscription,
+/// so admission's token bucket (meant for storms of new readers) lets it
+/// through; the connection caps still apply. One per connection, shared by
+/// its requests.
+#[derive(Debug, Clone, Default)]
+pub struct Polled(pub std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+/// Hands memory the allocator holds but no longer uses back to the system
+/// (glibc's `malloc_trim`), so that resident memory reflects what is in use:
+/// the memory guard judges `--memory-limit` by RSS. A no-op elsewhere.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `malloc_trim` takes a plain integer (bytes of slack to keep at
+    // the top of the heap) and only releases free pages; it is safe to call
+    // at any time from any thread.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }

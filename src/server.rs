@@ -104,19 +104,38 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// How often at most an accept error is logged.
 const LOG_EVERY: Duration = Duration::from_secs(1);
 
-/// Serves `app` on `listener` until `shutdown` fires. Each connection runs as
+/// The two moments of a shutdown, as the accept loop sees them.
+#[derive(Debug, Clone)]
+pub struct Stopping {
+    /// Shutdown has begun: keep-alive connections finish their request and
+    /// close, connections accepted from now on answer one request each.
+    pub draining: CancellationToken,
+    /// Stop accepting (after the drain, so that probes and snapshot reads
+    /// are still answered while readers leave).
+    pub stop_accepting: CancellationToken,
+}
+
+/// How many requests were answered 503 from the descriptor reserve because
+/// the process was out of file descriptors.
+pub static OUT_OF_DESCRIPTORS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Serves `app` on `listener` until `stop_accepting` fires. Each connection runs as
 /// a task in `tasks`; this returns as soon as accepting has stopped, and the
 /// caller waits for `tasks` (bounded) to let the connections finish.
 ///
 /// Returns an error only if the listener itself has become unusable.
 pub async fn run(
-    listener: TcpListener,
+    listener: &TcpListener,
     app: Router,
     header_timeout: Duration,
-    shutdown: CancellationToken,
+    stopping: Stopping,
     tasks: TaskTracker,
 ) -> io::Result<()> {
-    let builder = Arc::new(connection_builder(header_timeout));
+    let Stopping { draining: shutdown, stop_accepting } = stopping;
+    let builder = Arc::new(connection_builder(header_timeout, true));
+    // Connections accepted while draining (probes, snapshot reads) answer
+    // their request and close, instead of being shut down before they speak.
+    let closing_builder = Arc::new(connection_builder(header_timeout, false));
     let mut reserve = Reserve::new(RESERVE_FDS);
     if reserve.files.len() < RESERVE_FDS {
         tracing::warn!(held = reserve.files.len(), wanted = RESERVE_FDS, "cannot fill the file-descriptor reserve");
@@ -129,7 +148,7 @@ pub async fn run(
         reserve.refill();
         let accepted = tokio::select! {
             biased;
-            () = shutdown.cancelled() => break,
+            () = stop_accepting.cancelled() => break,
             // A descriptor came back from an emergency connection: take it
             // into the reserve (at the top of the loop) before anyone else.
             () = emergency_done.notified(), if reserve.is_short() => continue,
@@ -138,7 +157,9 @@ pub async fn run(
         let error = match accepted {
             Ok((stream, addr)) => {
                 backoff.reset();
-                tasks.spawn(serve(Arc::clone(&builder), app.clone(), stream, addr, header_timeout, shutdown.clone()));
+                let late = shutdown.is_cancelled();
+                let builder = Arc::clone(if late { &closing_builder } else { &builder });
+                tasks.spawn(serve(builder, app.clone(), stream, addr, header_timeout, shutdown.clone(), late));
                 continue;
             }
             Err(error) => error,
@@ -156,7 +177,7 @@ pub async fn run(
                 // unless another thread opened something in between; then the
                 // next round finds the reserve one shorter and tries again.
                 backoff.note(&error, reserve.files.len());
-                if let Some(Ok((stream, addr))) = try_accept(&listener).await {
+                if let Some(Ok((stream, addr))) = try_accept(listener).await {
                     let (app, done) = (app.clone(), Arc::clone(&emergency_done));
                     tasks.spawn(async move {
                         serve_emergency(app, stream, addr).await;
@@ -167,28 +188,27 @@ pub async fn run(
             AcceptError::Descriptors | AcceptError::Resources => {
                 backoff.note(&error, reserve.files.len());
                 tokio::select! {
-                    () = shutdown.cancelled() => break,
+                    () = stop_accepting.cancelled() => break,
                     () = tokio::time::sleep(backoff.next_delay()) => {}
                     () = emergency_done.notified() => {}
                 }
             }
         }
     }
-    // Dropping the listener here closes it, so the kernel refuses new
+    // The caller drops the listener next, so the kernel refuses new
     // connections at once rather than leaving them in the backlog.
-    drop(listener);
     Ok(())
 }
 
 /// The connection settings every ordinary connection shares.
-fn connection_builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
+fn connection_builder(header_timeout: Duration, keep_alive: bool) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
         .max_buf_size(MAX_HEADER_BYTES)
-        .keep_alive(true);
+        .keep_alive(keep_alive);
     builder.http2().timer(TokioTimer::new()).max_header_list_size(MAX_HEADER_BYTES as u32);
     builder
 }
@@ -209,9 +229,11 @@ fn service(
 > + Send
 + 'static {
     let router = TowerToHyperService::new(app);
+    let polled = crate::net::Polled::default();
     service_fn(move |mut request: Request<Incoming>| {
         started.store(true, Ordering::Release);
         request.extensions_mut().insert(ConnectInfo(peer));
+        request.extensions_mut().insert(polled.clone());
         let refuse = emergency && !EMERGENCY_PATHS.contains(&request.uri().path());
         let routed = (!refuse).then(|| router.call(request));
         async move {
@@ -225,6 +247,7 @@ fn service(
 
 /// The refusal given on an emergency connection to anything but a probe.
 fn out_of_descriptors() -> Response<axum::body::Body> {
+    OUT_OF_DESCRIPTORS.fetch_add(1, Ordering::Relaxed);
     let refusal = ApiError::Overloaded { reason: "out_of_file_descriptors", retry_after_ms: jittered_ms(1000, 2000) };
     let mut response = refusal.into_response();
     response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -240,6 +263,7 @@ async fn serve(
     addr: SocketAddr,
     header_timeout: Duration,
     shutdown: CancellationToken,
+    late: bool,
 ) {
     if let Err(error) = stream.set_nodelay(true) {
         tracing::debug!(%error, "cannot set TCP_NODELAY");
@@ -253,7 +277,9 @@ async fn serve(
     // trickled HTTP/2 preface.
     let mut first_request = pin!(tokio::time::sleep(header_timeout));
     let mut awaiting_first_request = true;
-    let mut draining = false;
+    // A connection accepted after shutdown began was built without
+    // keep-alive: it answers one request and ends by itself.
+    let mut draining = late;
     loop {
         tokio::select! {
             result = connection.as_mut() => {
@@ -282,6 +308,7 @@ async fn serve(
 async fn serve_emergency(app: Router, stream: TcpStream, addr: SocketAddr) {
     if !is_probe(&stream).await {
         tracing::debug!(peer = %addr, "out of file descriptors: refused a request that is not a probe");
+        OUT_OF_DESCRIPTORS.fetch_add(1, Ordering::Relaxed);
         refuse_raw(&stream);
         return;
     }

@@ -7,9 +7,7 @@ use serde::Serialize;
 
 use crate::plan::{Profile, TransportKind};
 
-/// The named scenarios. `storm` (mass reconnect after a drop or deploy) and
-/// `multi-hub` (several hubs over PostgreSQL and Redis, RSS of each) come
-/// next; the result already lists hubs as an array for that.
+/// The named scenarios.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub(crate) enum Scenario {
@@ -21,6 +19,24 @@ pub(crate) enum Scenario {
     SlowReaders,
     /// Acknowledged durable publishes per second with concurrent publishers.
     Publish,
+    /// N readers settle; then half of them drop at one instant and reconnect
+    /// at once (then by the server's hints, with jitter, resuming), while
+    /// publishing goes on.
+    Storm,
+    /// Three hubs on one PostgreSQL database and one Redis prefix (started by
+    /// the bench, or a `--url` list); readers spread over them round robin.
+    MultiHub,
+}
+
+/// Where `multi-hub` (or any run with several hubs) publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum PublishTo {
+    /// Every publish goes to hub 1: readers on the other hubs get each
+    /// version over the Redis bus.
+    First,
+    /// Publishes rotate over the hubs.
+    RoundRobin,
 }
 
 /// spillway-bench: load generator for spillway (or any server reachable
@@ -79,24 +95,28 @@ pub(crate) struct Args {
     /// Extra arguments for the server (after `--`).
     #[arg(last = true)]
     pub(crate) server_args: Vec<String>,
-    /// Attach to a running server instead (`http://127.0.0.1:8080`).
-    #[arg(long)]
-    pub(crate) url: Option<String>,
-    /// PID of the attached server, for RSS and CPU figures.
-    #[arg(long)]
-    pub(crate) server_pid: Option<u32>,
+    /// Attach to running servers instead (`http://127.0.0.1:8080`); a list
+    /// (comma-separated or repeated) is several hubs, readers spread over
+    /// them round robin.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) url: Vec<String>,
+    /// PIDs of the attached servers (same order as `--url`), for RSS and CPU.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) server_pid: Vec<u32>,
     /// Publish token (spillway: `--publish-token`).
     #[arg(long, default_value = "bench-token-0123456789", env = "SPILLWAY_BENCH_TOKEN", hide_env_values = true)]
     #[serde(skip)]
     pub(crate) token: String,
-    /// Subscription URL template; `{topic}` is replaced. Default:
-    /// `ws://ADDR/v1/topics/{topic}/ws`.
-    #[arg(long)]
-    pub(crate) subscribe_url: Option<String>,
+    /// Subscription URL template; `{topic}` is replaced. Default by
+    /// transport: `ws://ADDR/v1/topics/{topic}/ws`,
+    /// `http://ADDR/v1/topics/{topic}/events`, `http://ADDR/v1/topics/{topic}`.
+    /// With several hubs, give one per hub (same order as `--url`).
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) subscribe_url: Vec<String>,
     /// Publish URL template; `{topic}` is replaced. Default:
-    /// `http://ADDR/v1/topics/{topic}`.
-    #[arg(long)]
-    pub(crate) publish_url: Option<String>,
+    /// `http://ADDR/v1/topics/{topic}`. With several hubs, one per hub.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) publish_url: Vec<String>,
     /// HTTP method for publishing.
     #[arg(long, default_value = "PUT")]
     pub(crate) publish_method: String,
@@ -152,6 +172,49 @@ pub(crate) struct Args {
     /// cut-off, reconnect and stall again. Default: stall until the end.
     #[arg(long)]
     pub(crate) stall_resume: Option<f64>,
+    /// Reconnect with the position held (`since=`), as the product's client
+    /// does. Default: on for `storm`, off otherwise (`--resume=false` to
+    /// turn it off for `storm`).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub(crate) resume: Option<bool>,
+    /// An admitted connection (handshake done) must deliver its first frame
+    /// within this (milliseconds), else it counts as an admitted connection
+    /// that timed out and is dropped.
+    #[arg(long, default_value_t = 5000)]
+    pub(crate) first_frame_timeout_ms: u64,
+    /// Long-poll readers: `wait=` of each request (seconds).
+    #[arg(long, default_value_t = 20.0)]
+    pub(crate) long_poll_wait: f64,
+
+    /// Storm: seconds into publishing when the readers drop. Default: a
+    /// third of `--duration`.
+    #[arg(long)]
+    pub(crate) storm_at: Option<f64>,
+    /// Storm: the window (seconds from the drop) whose latencies count as
+    /// "during the storm".
+    #[arg(long, default_value_t = 10.0)]
+    pub(crate) storm_window: f64,
+    /// Storm: the share of readers that drop (percent).
+    #[arg(long, default_value_t = 50.0)]
+    pub(crate) storm_drop_pct: f64,
+
+    /// Hubs to start (ignored with `--url`). Default: 3 for `multi-hub`, 1
+    /// otherwise; more than one hub runs on PostgreSQL and Redis as in
+    /// `multi-hub` (e.g. a `storm` larger than one hub's open files).
+    #[arg(long)]
+    pub(crate) hubs: Option<usize>,
+    /// Multi-hub: where the publisher publishes.
+    #[arg(long, value_enum, default_value = "first")]
+    pub(crate) publish_to: PublishTo,
+    /// Multi-hub: PostgreSQL server (trust authentication) on which a fresh
+    /// database `bench_<random>` is created, and dropped at the end.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    pub(crate) pg_admin_url: String,
+    /// Multi-hub: Redis for the bus; its keys under a fresh
+    /// `bench-<random>` prefix are deleted at the end.
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    pub(crate) redis_url: String,
+
     /// Seed for the reader shuffle (profiles over topics and workers).
     #[arg(long, default_value_t = 7)]
     pub(crate) seed: u64,
@@ -188,7 +251,69 @@ impl Args {
             Scenario::Fanout => 30.0,
             Scenario::SlowReaders => 60.0,
             Scenario::Publish => 20.0,
+            Scenario::Storm | Scenario::MultiHub => 30.0,
         })
+    }
+
+    /// Hubs the bench starts.
+    pub(crate) fn hubs(&self) -> usize {
+        self.hubs.unwrap_or(if self.scenario == Scenario::MultiHub { 3 } else { 1 })
+    }
+
+    /// Whether readers resume with `since=`.
+    pub(crate) fn resume(&self) -> bool {
+        self.resume.unwrap_or(self.scenario == Scenario::Storm)
+    }
+
+    /// Seconds into publishing of the storm's drop.
+    pub(crate) fn storm_at(&self) -> f64 {
+        self.storm_at.unwrap_or(self.duration() / 3.0)
+    }
+
+    /// Checks the flags that cannot go together; a clear message, nothing
+    /// started.
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        let mix = self.mix()?;
+        if self.topics == 0 {
+            return Err("--topics must be at least 1".into());
+        }
+        if self.transport == TransportKind::LongPoll && mix.iter().any(|(p, pct)| *p == Profile::Stalled && *pct > 0.0)
+        {
+            return Err("the stalled profile does not apply to long-poll: a long-poll reader that stops reading \
+                        simply stops asking (use ws or sse for stalled readers)"
+                .into());
+        }
+        if !(self.long_poll_wait >= 0.0 && self.long_poll_wait <= 300.0) {
+            return Err("--long-poll-wait must be between 0 and 300 seconds".into());
+        }
+        if self.scenario == Scenario::Storm {
+            let at = self.storm_at();
+            if !(at >= 0.0 && at < self.duration()) {
+                return Err(format!("--storm-at {at} must be within the publishing time (0 to {})", self.duration()));
+            }
+            if self.storm_window.is_nan() || self.storm_window <= 0.0 {
+                return Err("--storm-window must be above 0".into());
+            }
+            if !(self.storm_drop_pct > 0.0 && self.storm_drop_pct <= 100.0) {
+                return Err("--storm-drop-pct must be above 0 and at most 100".into());
+            }
+        }
+        if !(1..=16).contains(&self.hubs()) {
+            return Err("--hubs must be between 1 and 16".into());
+        }
+        if self.hubs.is_some() && !self.url.is_empty() {
+            return Err("--hubs starts hubs; with --url the hubs are the URLs given".into());
+        }
+        let hubs = if self.url.is_empty() { 1 } else { self.url.len() };
+        for (name, list) in [("--subscribe-url", &self.subscribe_url), ("--publish-url", &self.publish_url)] {
+            if list.len() > 1 && list.len() != hubs {
+                return Err(format!("{name}: give one template, or one per --url ({hubs})"));
+            }
+        }
+        if !self.server_pid.is_empty() && self.server_pid.len() != self.url.len() {
+            return Err("--server-pid: give one PID per --url, in the same order".into());
+        }
+        Ok(())
     }
 
     /// The mix as (profile, percent) pairs summing to 100.
@@ -266,5 +391,28 @@ mod tests {
         let args = Args::parse_from(["spillway-bench", "slow-readers"]);
         assert_eq!(args.mix(), Ok(vec![(Profile::Fast, 80.0), (Profile::Stalled, 20.0)]));
         assert!(Args::parse_from(["spillway-bench", "fanout", "--mix", "fast=50"]).mix().is_err());
+    }
+
+    #[test]
+    fn storm_and_multi_hub_flags() {
+        let storm = Args::parse_from(["spillway-bench", "storm", "-d", "12"]);
+        assert!(storm.resume(), "storm resumes by default");
+        assert!((storm.storm_at() - 4.0).abs() < 1e-9);
+        assert_eq!(storm.validate(), Ok(()));
+        assert!(!Args::parse_from(["spillway-bench", "storm", "--resume=false"]).resume());
+        assert!(!Args::parse_from(["spillway-bench", "fanout"]).resume());
+        assert!(Args::parse_from(["spillway-bench", "storm", "-d", "10", "--storm-at", "10"]).validate().is_err());
+        let lp = Args::parse_from(["spillway-bench", "slow-readers", "--transport", "long-poll"]);
+        assert!(lp.validate().is_err(), "stalled long-poll readers are refused");
+        let urls = Args::parse_from(["spillway-bench", "multi-hub", "--url", "http://127.0.0.1:1,http://127.0.0.1:2"]);
+        assert_eq!(urls.url.len(), 2);
+        assert_eq!(urls.validate(), Ok(()));
+        let bad =
+            Args::parse_from(["spillway-bench", "multi-hub", "--url", "http://127.0.0.1:1", "--server-pid", "1,2"]);
+        assert!(bad.validate().is_err());
+        assert_eq!(Args::parse_from(["spillway-bench", "multi-hub"]).hubs(), 3);
+        assert_eq!(Args::parse_from(["spillway-bench", "storm"]).hubs(), 1);
+        assert_eq!(Args::parse_from(["spillway-bench", "storm", "--hubs", "3"]).hubs(), 3);
+        assert!(Args::parse_from(["spillway-bench", "storm", "--hubs", "0"]).validate().is_err());
     }
 }

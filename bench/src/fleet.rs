@@ -35,6 +35,28 @@ pub(crate) struct Fleet {
     pub(crate) state: Arc<Mutex<FleetState>>,
 }
 
+/// Sums of cumulative counters over workers; `initial_done_ms` is the
+/// latest worker's, and 0 while any worker is not done.
+pub(crate) fn sum(ticks: &[Tick]) -> Tick {
+    let mut t = Tick::default();
+    for tick in ticks {
+        t.connected += tick.connected;
+        t.handshakes += tick.handshakes;
+        t.connect_failures += tick.connect_failures;
+        t.frames += tick.frames;
+        t.bytes += tick.bytes;
+        t.storm_dropped += tick.storm_dropped;
+        t.storm_back += tick.storm_back;
+        t.refusals += tick.refusals;
+        t.admitted_timeouts += tick.admitted_timeouts;
+        t.initial_done_ms = t.initial_done_ms.max(tick.initial_done_ms);
+    }
+    if ticks.iter().any(|t| t.initial_done_ms == 0) {
+        t.initial_done_ms = 0;
+    }
+    t
+}
+
 impl Fleet {
     pub(crate) async fn spawn(plans: Vec<WorkerPlan>) -> Result<Fleet, String> {
         let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
@@ -90,19 +112,7 @@ impl Fleet {
     /// Sums of the workers' latest cumulative counters.
     pub(crate) fn totals(&self) -> Tick {
         let s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut t = Tick::default();
-        for tick in &s.ticks {
-            t.connected += tick.connected;
-            t.handshakes += tick.handshakes;
-            t.connect_failures += tick.connect_failures;
-            t.frames += tick.frames;
-            t.bytes += tick.bytes;
-            t.initial_done_ms = t.initial_done_ms.max(tick.initial_done_ms);
-        }
-        if s.ticks.iter().any(|t| t.initial_done_ms == 0) {
-            t.initial_done_ms = 0;
-        }
-        t
+        sum(&s.ticks)
     }
 
     pub(crate) fn pids(&self) -> Vec<u32> {

@@ -35,6 +35,26 @@ pub(crate) fn number_after(hay: &[u8], key: &[u8]) -> Option<u64> {
     std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
 }
 
+/// The JSON string after `key` (a key with its colon and opening quote),
+/// if it has no escapes: enough for codes, reasons and epochs.
+pub(crate) fn string_after(hay: &[u8], key: &[u8]) -> Option<String> {
+    let at = find(hay, key)? + key.len();
+    let rest = &hay[at..];
+    let end = rest.iter().position(|&b| b == b'"' || b == b'\\')?;
+    if rest[end] != b'"' || end > 256 {
+        return None;
+    }
+    std::str::from_utf8(&rest[..end]).ok().map(str::to_string)
+}
+
+/// The position `EPOCH:VERSION` a spillway frame or snapshot body names
+/// (its `epoch` and `version`), for resuming with `since=`.
+pub(crate) fn position(bytes: &[u8]) -> Option<String> {
+    let epoch = string_after(bytes, b"\"epoch\":\"")?;
+    let version = number_after(bytes, b"\"version\":")?;
+    (epoch.len() == 16 && epoch.bytes().all(|b| b.is_ascii_hexdigit())).then(|| format!("{epoch}:{version}"))
+}
+
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     let first = *needle.first()?;
     let mut from = 0;
@@ -72,6 +92,16 @@ mod tests {
         );
         let f = parse(frame.as_bytes());
         assert_eq!(f, Fields { seq: Some(11), ts: Some(1_700_000_000_000_000_000), skipped: Some(3) });
+    }
+
+    #[test]
+    fn positions_and_strings() {
+        let frame = br#"{"type":"snapshot","topic":"t","epoch":"00000000000000ab","version":12,"state":{}}"#;
+        assert_eq!(position(frame).as_deref(), Some("00000000000000ab:12"));
+        assert_eq!(position(br#"{"type":"hello","protocol":1}"#), None);
+        let body = br#"{"error":"overloaded","reason":"accept_rate","retry_after_ms":1840}"#;
+        assert_eq!(string_after(body, br#""reason":""#).as_deref(), Some("accept_rate"));
+        assert_eq!(string_after(br#"{"a":"x\"y"}"#, br#""a":""#), None);
     }
 
     #[test]

@@ -16,6 +16,7 @@ mod publisher;
 mod report;
 mod run;
 mod server;
+mod services;
 mod sys;
 mod transport;
 mod worker;

@@ -83,13 +83,37 @@ impl fmt::Display for Profile {
     }
 }
 
-/// The reader transports. Only WebSocket exists in the server today; SSE and
-/// long-poll become further variants here and in `transport::Conn`.
+/// The reader transports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub(crate) enum TransportKind {
-    /// `ws://…` (RFC 6455).
+    /// `ws://…/v1/topics/{topic}/ws` (RFC 6455).
     Ws,
+    /// Server-Sent Events: `http://…/v1/topics/{topic}/events`.
+    Sse,
+    /// Long-poll: `http://…/v1/topics/{topic}?since=…&wait=…`, one request
+    /// after another on a keep-alive connection.
+    LongPoll,
+}
+
+impl TransportKind {
+    /// The default subscription URL template for a hub at `addr`.
+    pub(crate) fn default_template(self, addr: &str) -> String {
+        match self {
+            TransportKind::Ws => format!("ws://{addr}/v1/topics/{{topic}}/ws"),
+            TransportKind::Sse => format!("http://{addr}/v1/topics/{{topic}}/events"),
+            TransportKind::LongPoll => format!("http://{addr}/v1/topics/{{topic}}"),
+        }
+    }
+}
+
+/// One hub as the readers see it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct HubTarget {
+    /// The TCP address to connect to (host:port, loopback).
+    pub(crate) connect_addr: String,
+    /// Subscription URL per topic (template already expanded).
+    pub(crate) urls: Vec<String>,
 }
 
 /// One reader.
@@ -101,6 +125,10 @@ pub(crate) struct ReaderSpec {
     /// Loopback source address to bind before connecting (`None`: the kernel
     /// picks 127.0.0.1).
     pub(crate) source: Option<Ipv4Addr>,
+    /// Index of its hub in `WorkerPlan::hubs`.
+    pub(crate) hub: u8,
+    /// `storm`: this reader is in the half that drops at the storm instant.
+    pub(crate) drops: bool,
 }
 
 /// Knobs of the reader profiles.
@@ -128,11 +156,19 @@ pub(crate) struct ProfileKnobs {
 pub(crate) struct WorkerPlan {
     pub(crate) worker: usize,
     pub(crate) transport: TransportKind,
-    /// The TCP address to connect to (host:port, loopback).
-    pub(crate) connect_addr: String,
-    /// Subscription URL per topic (template already expanded).
-    pub(crate) urls: Vec<String>,
+    /// The hubs readers connect to (one unless `multi-hub` or a `--url` list).
+    pub(crate) hubs: Vec<HubTarget>,
     pub(crate) readers: Vec<ReaderSpec>,
+    /// Reconnect with the position held (`since=`), as the product's client.
+    pub(crate) resume: bool,
+    /// An admitted connection must deliver its first frame (`hello`, or a
+    /// long-poll's first answer) within this, milliseconds, or it counts as
+    /// an admitted connection that timed out.
+    pub(crate) first_frame_timeout_ms: u64,
+    /// Long-poll: `wait=` of each request, seconds.
+    pub(crate) long_poll_wait_s: f64,
+    /// `storm`: only readers that do not drop feed the per-tick latency.
+    pub(crate) storm: bool,
     /// Handshakes in flight at once.
     pub(crate) connect_concurrency: usize,
     pub(crate) knobs: ProfileKnobs,
@@ -153,6 +189,11 @@ pub(crate) enum Command {
     /// `finals[topic]` is the last acknowledged sequence number and
     /// `last_publish_unix_ns[topic]` when it was sent.
     Finish { finals: Vec<u64>, last_publish_unix_ns: Vec<u64>, grace_ms: u64 },
+    /// `storm`: at `at_unix_ns`, every reader with `drops` closes its
+    /// connection without a close frame and reconnects at once. Latencies of
+    /// the others are split by send time: before `at_unix_ns`, within
+    /// `window_ms` after it, and later.
+    Storm { at_unix_ns: u64, window_ms: u64 },
 }
 
 /// Worker → coordinator.
@@ -176,6 +217,14 @@ pub(crate) struct Tick {
     /// had made its first connection attempt succeed or fail (0: not yet).
     pub(crate) initial_done_ms: u64,
     pub(crate) fast_latency_interval: Dump,
+    /// `storm`: readers dropped so far, and those of them back (admitted and
+    /// their first frame received).
+    pub(crate) storm_dropped: u64,
+    pub(crate) storm_back: u64,
+    /// Refusals (503 or an SSE `overload` notice) so far.
+    pub(crate) refusals: u64,
+    /// Admitted connections whose first frame did not come in time.
+    pub(crate) admitted_timeouts: u64,
 }
 
 /// One profile's figures in one worker.
@@ -194,6 +243,10 @@ pub(crate) struct ProfileResult {
     pub(crate) connects: u64,
     pub(crate) connect_failures: u64,
     pub(crate) reconnects: u64,
+    /// Refusals by reason (`accept_rate`, `overload`, …).
+    pub(crate) refusals: BTreeMap<String, u64>,
+    /// Admitted connections whose first frame did not come in time.
+    pub(crate) admitted_timeouts: u64,
     /// How connections ended: close code, `eof`, `error`, `client-drop`.
     pub(crate) ends: BTreeMap<String, u64>,
     /// Live readers on the final version at the end, and not.
@@ -215,4 +268,45 @@ pub(crate) struct WorkerResult {
     /// The worker process's own CPU time and peak RSS.
     pub(crate) cpu_s: f64,
     pub(crate) rss_peak_bytes: u64,
+    /// Per hub (same order as the plan's).
+    pub(crate) hubs: Vec<HubResult>,
+    /// `storm`: the dropped half's reconnection and the others' latency.
+    pub(crate) storm: Option<StormResult>,
+}
+
+/// One hub's readers in one worker.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct HubResult {
+    pub(crate) readers: u64,
+    pub(crate) connected_at_end: u64,
+    /// Fast readers' publish-to-delivery latency.
+    pub(crate) fast_latency: Dump,
+    /// Live readers expected fresh: on the final version at the end, or not.
+    pub(crate) on_final: u64,
+    pub(crate) not_on_final: u64,
+    pub(crate) final_after: Dump,
+}
+
+/// The storm, as one worker saw it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct StormResult {
+    /// Readers that dropped, and those back by the end.
+    pub(crate) dropped: u64,
+    pub(crate) back: u64,
+    /// Connection attempts by dropped readers after the drop.
+    pub(crate) attempts: u64,
+    /// Of those, refused (503 or `overload` notice), by reason.
+    pub(crate) refusals: BTreeMap<String, u64>,
+    /// Of those, failed otherwise (TCP, timeout, protocol).
+    pub(crate) failures: u64,
+    /// Of those, admitted but without a first frame in time.
+    pub(crate) admitted_timeouts: u64,
+    /// Per dropped reader: from the drop until it was back.
+    pub(crate) back_after: Dump,
+    /// When the last dropped reader was back (Unix ns; 0: none).
+    pub(crate) last_back_unix_ns: u64,
+    /// Undisturbed fast readers' latency by the send time of the frame.
+    pub(crate) latency_before: Dump,
+    pub(crate) latency_storm: Dump,
+    pub(crate) latency_after: Dump,
 }

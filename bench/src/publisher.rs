@@ -18,7 +18,10 @@ use crate::worker::now_ns;
 #[derive(Debug)]
 pub(crate) struct Publisher {
     client: reqwest::Client,
-    url_template: String,
+    /// One template per hub; hub 1's is used unless `round_robin`.
+    url_templates: Vec<String>,
+    /// Rotate publishes over the hubs by sequence number.
+    round_robin: bool,
     method: reqwest::Method,
     headers: HeaderMap,
     payload: usize,
@@ -61,7 +64,8 @@ impl PubStats {
 
 impl Publisher {
     pub(crate) fn new(
-        url_template: String,
+        url_templates: Vec<String>,
+        round_robin: bool,
         method: &str,
         token: &str,
         extra_headers: &[String],
@@ -87,7 +91,10 @@ impl Publisher {
             .no_proxy()
             .build()
             .map_err(|e| format!("http client: {e}"))?;
-        Ok(Self { client, url_template, method, headers, payload })
+        if url_templates.is_empty() {
+            return Err("no publish URL".into());
+        }
+        Ok(Self { client, url_templates, round_robin, method, headers, payload })
     }
 
     pub(crate) fn client(&self) -> &reqwest::Client {
@@ -98,7 +105,12 @@ impl Publisher {
     pub(crate) async fn publish(&self, stats: &PubStats, topic_index: usize, topic: &str, seq: u64) -> bool {
         let sent = now_ns();
         let body = state_body(seq, sent, self.payload);
-        let url = self.url_template.replace("{topic}", topic);
+        let template = if self.round_robin {
+            &self.url_templates[seq as usize % self.url_templates.len()]
+        } else {
+            &self.url_templates[0]
+        };
+        let url = template.replace("{topic}", topic);
         let started = Instant::now();
         stats.attempted.fetch_add(1, Ordering::Relaxed);
         let result = self

@@ -9,13 +9,13 @@ use std::sync::atomic::Ordering;
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
-use crate::cli::{Args, Scenario};
+use crate::cli::{Args, PublishTo, Scenario};
 use crate::hist::{Summary, new_hist};
-use crate::plan::{Profile, WorkerResult};
+use crate::plan::{Profile, StormResult, WorkerResult};
 use crate::procfs::{SockMem, SsSample};
 use crate::publisher::PubStats;
 use crate::run::{Moment, Point};
-use crate::server::Server;
+use crate::server::{Hubs, Server};
 use crate::sys::FileLimits;
 
 pub(crate) struct Inputs<'a> {
@@ -26,6 +26,14 @@ pub(crate) struct Inputs<'a> {
     pub(crate) readers: usize,
     pub(crate) mix: &'a [(Profile, f64)],
     pub(crate) connect: Value,
+    pub(crate) hubs: &'a Hubs,
+    /// Readers assigned to each hub.
+    pub(crate) readers_per_hub: &'a [u64],
+    /// Kernel memory of every hub's sockets at the end of publishing.
+    pub(crate) hub_ss_end: &'a [Option<SsSample>],
+    /// Every hub's moments: before readers, connected, run start, run end.
+    pub(crate) hub_moments: [&'a [Moment]; 4],
+    pub(crate) storm: Option<StormInputs>,
     pub(crate) before: &'a Moment,
     pub(crate) ss_before: Option<&'a SsSample>,
     pub(crate) connected: &'a Moment,
@@ -45,6 +53,14 @@ pub(crate) struct Inputs<'a> {
     pub(crate) loadavg_start: Option<[f64; 3]>,
 }
 
+/// When the storm's drop was, for the result.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StormInputs {
+    pub(crate) at_unix_ns: u64,
+    /// Seconds since the bench started (the chart's time axis).
+    pub(crate) at_s: f64,
+}
+
 /// One profile's figures over every worker.
 #[derive(Default)]
 struct Merged {
@@ -58,6 +74,8 @@ struct Merged {
     connects: u64,
     connect_failures: u64,
     reconnects: u64,
+    refusals: BTreeMap<String, u64>,
+    admitted_timeouts: u64,
     on_final: u64,
     not_on_final: u64,
     ends: BTreeMap<String, u64>,
@@ -81,6 +99,10 @@ fn merge(results: &[WorkerResult]) -> BTreeMap<Profile, Merged> {
             m.connects += p.connects;
             m.connect_failures += p.connect_failures;
             m.reconnects += p.reconnects;
+            m.admitted_timeouts += p.admitted_timeouts;
+            for (k, v) in &p.refusals {
+                *m.refusals.entry(k.clone()).or_default() += v;
+            }
             m.on_final += p.on_final;
             m.not_on_final += p.not_on_final;
             for (k, v) in &p.ends {
@@ -157,6 +179,8 @@ pub(crate) fn assemble(i: Inputs<'_>) -> Value {
                     "connects": m.connects,
                     "connect_failures": m.connect_failures,
                     "reconnects": m.reconnects,
+                    "refusals": m.refusals,
+                    "admitted_timeouts": m.admitted_timeouts,
                     "ends": m.ends,
                     "freshness": {
                         "expected": p.should_be_fresh(),
@@ -171,13 +195,15 @@ pub(crate) fn assemble(i: Inputs<'_>) -> Value {
         .collect();
 
     // Server figures over the measured phase.
-    let deliveries =
-        diff(i.run_start.metric("spillway_deliveries_total"), i.run_end.metric("spillway_deliveries_total"));
-    let server_skipped = diff(
-        i.run_start.metric("spillway_versions_skipped_total"),
-        i.run_end.metric("spillway_versions_skipped_total"),
-    );
-    let cpu_run = diff(i.run_start.cpu(), i.run_end.cpu());
+    let [hubs_before, hubs_connected, hubs_start, hubs_end] = i.hub_moments;
+    // Server counters summed over hubs (one hub: that hub's).
+    let sum_diff = |f: &dyn Fn(&Moment) -> Option<f64>| -> Option<f64> {
+        let per: Vec<Option<f64>> = hubs_start.iter().zip(hubs_end).map(|(a, b)| diff(f(a), f(b))).collect();
+        per.iter().all(Option::is_some).then(|| per.iter().flatten().sum())
+    };
+    let deliveries = sum_diff(&|m| m.metric("spillway_deliveries_total"));
+    let server_skipped = sum_diff(&|m| m.metric("spillway_versions_skipped_total"));
+    let cpu_run = sum_diff(&|m| m.cpu());
     let run_secs = (i.run_end.t() - i.run_start.t()).max(1e-3);
     let client_frames_run: u64 = merged.values().map(|m| m.measured_frames).sum();
     let cutoffs: BTreeMap<String, f64> = i
@@ -206,8 +232,9 @@ pub(crate) fn assemble(i: Inputs<'_>) -> Value {
 
     // Memory.
     let rss_peak = i.samples.iter().filter_map(|p| p.server_rss_bytes).max();
+    let single_hub = hubs_start.len() == 1;
     let rss_per_conn = match (i.before.rss(), i.connected.rss()) {
-        (Some(b), Some(a)) if i.connected_now > 0 => Some((a as f64 - b as f64) / i.connected_now as f64),
+        (Some(b), Some(a)) if i.connected_now > 0 && single_hub => Some((a as f64 - b as f64) / i.connected_now as f64),
         _ => None,
     };
     let rss_change_pct = match (i.run_start.rss(), i.run_end.rss()) {
@@ -234,7 +261,7 @@ pub(crate) fn assemble(i: Inputs<'_>) -> Value {
         "topics": topics,
         "publishers": if args.scenario == Scenario::Publish { args.publishers } else { topics },
         "payload_bytes": args.payload,
-        "rate_per_topic_target": if matches!(args.scenario, Scenario::Fanout | Scenario::SlowReaders) { Some(args.rate) } else { None },
+        "rate_per_topic_target": if publishes_at_rate(args.scenario) { Some(args.rate) } else { None },
         "acked_run": i.acked_run,
         "acks_per_s": acks_per_s,
         "achieved_rate_per_topic": acks_per_s / topics.max(1) as f64,
@@ -304,6 +331,40 @@ pub(crate) fn assemble(i: Inputs<'_>) -> Value {
                 },
             );
         }
+        Scenario::Storm => {
+            let storm = storm_figures(i.results);
+            let timeouts = storm.admitted_timeouts_total(&merged);
+            target(
+                "no admitted connection timed out (no first frame within the deadline)",
+                "0",
+                json!(timeouts),
+                Some(timeouts == 0),
+            );
+            let p99 = storm.during.p99_ms;
+            target(
+                "undisturbed readers' p99 latency during the storm",
+                "<= 250 ms",
+                json!(p99),
+                (storm.during.count > 0).then_some(p99 <= 250.0),
+            );
+            target(
+                "every dropped reader back",
+                "all",
+                json!({ "dropped": storm.sum.dropped, "back": storm.sum.back }),
+                Some(storm.sum.dropped > 0 && storm.sum.back >= storm.sum.dropped),
+            );
+        }
+        Scenario::MultiHub => {
+            target(
+                "every fast reader, on every hub, on the final version within 1 s of the last publish",
+                "all on final, max <= 1000 ms",
+                json!({ "all_on_final": fast_all_on_final, "max_ms": fast_fresh_max }),
+                match (fast_all_on_final, fast_fresh_max) {
+                    (Some(all), Some(max)) => Some(all && max <= 1000.0),
+                    _ => None,
+                },
+            );
+        }
         Scenario::Publish => {
             target(
                 "acknowledged durable publishes per second",
@@ -321,6 +382,9 @@ pub(crate) fn assemble(i: Inputs<'_>) -> Value {
         .iter()
         .map(|(t, s)| json!({ "t_s": t, "sockets": s.total.sockets, "total_bytes": s.total.bytes, "by_profile": s.by_profile, "by_state": s.by_state }))
         .collect();
+    let hub_list = hub_entries(&i, hubs_before, hubs_connected, hubs_start, hubs_end);
+    let storm_section = i.storm.map(|st| storm_json(&i, st, &merged));
+    let multi_hub = multi_hub_json(&i);
     let mut connect = i.connect;
     if let Some(obj) = connect.as_object_mut() {
         let mut all = new_hist();
@@ -355,16 +419,7 @@ pub(crate) fn assemble(i: Inputs<'_>) -> Value {
             "addr": i.server.addr.to_string(),
             "pid": i.server.pid,
         },
-        "hubs": [{
-            "pid": i.server.pid,
-            "rss_before_bytes": i.before.rss(),
-            "rss_connected_bytes": i.connected.rss(),
-            "rss_run_start_bytes": i.run_start.rss(),
-            "rss_run_end_bytes": i.run_end.rss(),
-            "rss_peak_bytes": rss_peak,
-            "cpu_run_s": cpu_run,
-            "rss_series": i.samples.iter().map(|p| json!([p.t_s, p.server_rss_bytes])).collect::<Vec<_>>(),
-        }],
+        "hubs": hub_list,
         "connect": connect,
         "readers": { "total": i.readers, "by_profile": by_profile },
         "fast_latency_ms": fast_latency,
@@ -378,7 +433,7 @@ pub(crate) fn assemble(i: Inputs<'_>) -> Value {
             "server_cpu_cores": cpu_run.map(|c| c / run_secs),
             "deliveries_per_server_core_s": match (deliveries, cpu_run) { (Some(d), Some(c)) if c > 0.0 => Some(d / c), _ => None },
             "fast_frames_per_reader_per_s": fast_rate,
-            "expected_frames_per_reader_per_s": if matches!(args.scenario, Scenario::Fanout | Scenario::SlowReaders) { Some(args.rate) } else { None },
+            "expected_frames_per_reader_per_s": if publishes_at_rate(args.scenario) { Some(args.rate) } else { None },
         },
         "freshness": {
             "fast_all_on_final": fast_all_on_final,
@@ -415,10 +470,202 @@ pub(crate) fn assemble(i: Inputs<'_>) -> Value {
             },
         },
         "publish": publish,
+        "storm": storm_section,
+        "multi_hub": multi_hub,
         "workers": i.results.iter().map(|r| json!({ "worker": r.worker, "pid": r.pid, "cpu_s": r.cpu_s, "rss_peak_bytes": r.rss_peak_bytes })).collect::<Vec<_>>(),
         "series": i.samples,
         "ss_series": ss_series,
         "targets": targets,
+    })
+}
+
+/// Scenarios whose publisher runs at `--rate` per topic.
+fn publishes_at_rate(s: Scenario) -> bool {
+    matches!(s, Scenario::Fanout | Scenario::SlowReaders | Scenario::Storm | Scenario::MultiHub)
+}
+
+/// The storm over every worker.
+struct StormFigures {
+    sum: StormResult,
+    back_after: Summary,
+    before: Summary,
+    during: Summary,
+    after: Summary,
+}
+
+impl StormFigures {
+    /// Admitted connections that timed out, over every reader and the whole
+    /// run (not only the storm).
+    fn admitted_timeouts_total(&self, merged: &BTreeMap<Profile, Merged>) -> u64 {
+        merged.values().map(|m| m.admitted_timeouts).sum()
+    }
+}
+
+fn storm_figures(results: &[WorkerResult]) -> StormFigures {
+    let mut sum = StormResult::default();
+    let (mut back, mut before, mut during, mut after) = (new_hist(), new_hist(), new_hist(), new_hist());
+    for st in results.iter().filter_map(|r| r.storm.as_ref()) {
+        sum.dropped += st.dropped;
+        sum.back += st.back;
+        sum.attempts += st.attempts;
+        sum.failures += st.failures;
+        sum.admitted_timeouts += st.admitted_timeouts;
+        sum.last_back_unix_ns = sum.last_back_unix_ns.max(st.last_back_unix_ns);
+        for (k, v) in &st.refusals {
+            *sum.refusals.entry(k.clone()).or_default() += v;
+        }
+        st.back_after.add_to(&mut back);
+        st.latency_before.add_to(&mut before);
+        st.latency_storm.add_to(&mut during);
+        st.latency_after.add_to(&mut after);
+    }
+    StormFigures {
+        sum,
+        back_after: Summary::of(&back),
+        before: Summary::of(&before),
+        during: Summary::of(&during),
+        after: Summary::of(&after),
+    }
+}
+
+fn storm_json(i: &Inputs<'_>, st: StormInputs, merged: &BTreeMap<Profile, Merged>) -> Value {
+    let f = storm_figures(i.results);
+    let all_back = f.sum.dropped > 0 && f.sum.back >= f.sum.dropped;
+    let until_all_back = (all_back && f.sum.last_back_unix_ns >= st.at_unix_ns)
+        .then(|| (f.sum.last_back_unix_ns - st.at_unix_ns) as f64 / 1e9);
+    // The server's own count of refused subscriptions over the run, by
+    // reason (every hub).
+    let [_, _, starts, ends] = i.hub_moments;
+    let mut server_refusals: BTreeMap<String, f64> = BTreeMap::new();
+    for (a, b) in starts.iter().zip(ends) {
+        for (k, v) in b.metrics_with_prefix("spillway_subscriptions_total{") {
+            if !k.contains("result=\"refused\"") {
+                continue;
+            }
+            let reason = k.split("reason=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("?").to_string();
+            *server_refusals.entry(reason).or_default() += v - a.metric(&k).unwrap_or(0.0);
+        }
+    }
+    json!({
+        "at_s": st.at_s,
+        "at_unix_ms": st.at_unix_ns / 1_000_000,
+        "window_s": i.args.storm_window,
+        "drop_pct": i.args.storm_drop_pct,
+        "resume": i.args.resume(),
+        "dropped": f.sum.dropped,
+        "back": f.sum.back,
+        "all_back": all_back,
+        "seconds_until_all_back": until_all_back,
+        "back_after_ms": f.back_after,
+        "reconnect_attempts": f.sum.attempts,
+        "refusals": f.sum.refusals.values().sum::<u64>(),
+        "refusals_by_reason": f.sum.refusals,
+        "connect_failures": f.sum.failures,
+        "admitted_timeouts": f.sum.admitted_timeouts,
+        "admitted_timeouts_whole_run": f.admitted_timeouts_total(merged),
+        "first_frame_timeout_ms": i.args.first_frame_timeout_ms,
+        "server_refusals_by_reason": server_refusals,
+        "undisturbed_latency_ms": { "before": f.before, "storm": f.during, "after": f.after },
+    })
+}
+
+/// One entry per hub: memory over time, CPU, and its readers' latency and
+/// freshness.
+fn hub_entries(
+    i: &Inputs<'_>,
+    before: &[Moment],
+    connected: &[Moment],
+    start: &[Moment],
+    end: &[Moment],
+) -> Vec<Value> {
+    let n = i.hubs.servers.len();
+    let mut latency: Vec<Histogram<u64>> = (0..n).map(|_| new_hist()).collect();
+    let mut fresh: Vec<Histogram<u64>> = (0..n).map(|_| new_hist()).collect();
+    let mut counts = vec![(0u64, 0u64, 0u64); n];
+    for r in i.results {
+        for (h, hr) in r.hubs.iter().enumerate().take(n) {
+            hr.fast_latency.add_to(&mut latency[h]);
+            hr.final_after.add_to(&mut fresh[h]);
+            counts[h].0 += hr.connected_at_end;
+            counts[h].1 += hr.on_final;
+            counts[h].2 += hr.not_on_final;
+        }
+    }
+    (0..n)
+        .map(|h| {
+            let server: &Server = &i.hubs.servers[h];
+            let rss = |m: &[Moment]| m.get(h).and_then(Moment::rss);
+            let assigned = i.readers_per_hub.get(h).copied().unwrap_or(0);
+            let per_conn = match (rss(before), rss(connected)) {
+                (Some(b), Some(a)) if assigned > 0 => Some((a as f64 - b as f64) / assigned as f64),
+                _ => None,
+            };
+            let series: Vec<Value> =
+                i.samples.iter().map(|p| json!([p.t_s, p.hub_rss_bytes.get(h).copied().flatten()])).collect();
+            let peak = i.samples.iter().filter_map(|p| p.hub_rss_bytes.get(h).copied().flatten()).max();
+            let cpu = diff(start.get(h).and_then(Moment::cpu), end.get(h).and_then(Moment::cpu));
+            let deliveries = diff(
+                start.get(h).and_then(|m| m.metric("spillway_deliveries_total")),
+                end.get(h).and_then(|m| m.metric("spillway_deliveries_total")),
+            );
+            json!({
+                "hub": h + 1,
+                "pid": server.pid,
+                "addr": server.addr.to_string(),
+                "spawned": server.spawned,
+                "readers": assigned,
+                "rss_before_bytes": rss(before),
+                "rss_connected_bytes": rss(connected),
+                "rss_per_connection_bytes": per_conn,
+                "rss_run_start_bytes": rss(start),
+                "rss_run_end_bytes": rss(end),
+                "rss_peak_bytes": peak,
+                "cpu_run_s": cpu,
+                "server_deliveries_run": deliveries,
+                "kernel_end": i.hub_ss_end.get(h).and_then(Option::as_ref).map(|s| s.total),
+                "fast_latency_ms": Summary::of(&latency[h]),
+                "freshness": {
+                    "live": counts[h].0,
+                    "on_final": counts[h].1,
+                    "not_on_final": counts[h].2,
+                    "after_last_publish_ms": Summary::of(&fresh[h]),
+                },
+                "rss_series": series,
+            })
+        })
+        .collect()
+}
+
+/// Multi-hub figures: where publishes went, the shared services, and
+/// readers on the other hubs against readers on the hub that took the
+/// publishes. `null` with a single hub.
+fn multi_hub_json(i: &Inputs<'_>) -> Value {
+    let n = i.hubs.servers.len();
+    if n < 2 && i.args.scenario != Scenario::MultiHub {
+        return Value::Null;
+    }
+    let (mut first, mut others) = (new_hist(), new_hist());
+    for r in i.results {
+        for (h, hr) in r.hubs.iter().enumerate() {
+            hr.fast_latency.add_to(if h == 0 { &mut first } else { &mut others });
+        }
+    }
+    let (first, others) = (Summary::of(&first), Summary::of(&others));
+    let svc = i.hubs.services.as_ref();
+    let round_robin = i.args.publish_to == PublishTo::RoundRobin && n > 1;
+    json!({
+        "hubs": n,
+        "started_by_bench": svc.is_some(),
+        "database": svc.map(|s| s.database.clone()),
+        "redis_prefix": svc.map(|s| s.prefix.clone()),
+        "publish_to": if round_robin { "round-robin" } else { "first" },
+        "cross_hub_latency_ms": {
+            "definition": "fast readers' publish-to-delivery latency: on hub 1 (the publishing hub unless round-robin) against hubs 2..n",
+            "hub1": first,
+            "other_hubs": others,
+            "p50_extra_ms": (first.count > 0 && others.count > 0).then_some(others.p50_ms - first.p50_ms),
+            "p99_extra_ms": (first.count > 0 && others.count > 0).then_some(others.p99_ms - first.p99_ms),
+        },
     })
 }
 
@@ -522,6 +769,69 @@ pub(crate) fn human(r: &Value) -> String {
         num(&f["fast_max_ms_after_last_publish"], 1)
     );
     let _ = writeln!(out, "server cut-offs: {}", r["cutoffs"]["server_by_reason"]);
+    let st = &r["storm"];
+    if !st.is_null() {
+        let u = &st["undisturbed_latency_ms"];
+        let _ = writeln!(
+            out,
+            "storm at {} s: {} dropped, {} back (all back after {} s; per reader p50 {} p99 {} ms); {} attempts, {} refused {}, {} failed, {} admitted but timed out",
+            num(&st["at_s"], 1),
+            st["dropped"],
+            st["back"],
+            num(&st["seconds_until_all_back"], 2),
+            num(&st["back_after_ms"]["p50_ms"], 0),
+            num(&st["back_after_ms"]["p99_ms"], 0),
+            st["reconnect_attempts"],
+            st["refusals"],
+            st["refusals_by_reason"],
+            st["connect_failures"],
+            st["admitted_timeouts"],
+        );
+        for (name, key) in [("before", "before"), ("during", "storm"), ("after", "after")] {
+            let l = &u[key];
+            let _ = writeln!(
+                out,
+                "  undisturbed latency {name:>6} the storm: p50 {} p99 {} max {} ms ({} frames)",
+                num(&l["p50_ms"], 1),
+                num(&l["p99_ms"], 1),
+                num(&l["max_ms"], 1),
+                l["count"],
+            );
+        }
+        let _ = writeln!(out, "  server refusals by reason: {}", st["server_refusals_by_reason"]);
+    }
+    if let Some(hubs) = r["hubs"].as_array().filter(|h| h.len() > 1 || !r["multi_hub"].is_null()) {
+        for h in hubs {
+            let l = &h["fast_latency_ms"];
+            let f = &h["freshness"];
+            let _ = writeln!(
+                out,
+                "hub {} ({}): {} readers, RSS {} -> {} (peak {}), fast p50 {} p99 {} ms, on final {}/{} (max {} ms)",
+                h["hub"],
+                h["addr"].as_str().unwrap_or("?"),
+                h["readers"],
+                mib(&h["rss_run_start_bytes"]),
+                mib(&h["rss_run_end_bytes"]),
+                mib(&h["rss_peak_bytes"]),
+                num(&l["p50_ms"], 1),
+                num(&l["p99_ms"], 1),
+                f["on_final"],
+                f["live"],
+                num(&f["after_last_publish_ms"]["max_ms"], 1),
+            );
+        }
+        let x = &r["multi_hub"]["cross_hub_latency_ms"];
+        if !x.is_null() {
+            let _ = writeln!(
+                out,
+                "cross-hub: other hubs p99 {} ms vs hub 1 {} ms ({} ms extra), publishing to {}",
+                num(&x["other_hubs"]["p99_ms"], 1),
+                num(&x["hub1"]["p99_ms"], 1),
+                num(&x["p99_extra_ms"], 1),
+                r["multi_hub"]["publish_to"].as_str().unwrap_or("?"),
+            );
+        }
+    }
     if let Some(targets) = r["targets"].as_array() {
         for t in targets {
             let verdict = match t["met"].as_bool() {
@@ -632,27 +942,42 @@ pub(crate) fn svg(r: &Value) -> String {
         writeln!(out, r#"<svg xmlns="http://www.w3.org/2000/svg" width="900" height="800" font-family="sans-serif">"#);
     let _ = writeln!(out, r#"<rect width="900" height="800" fill="white"/>"#);
     let title = format!(
-        "spillway-bench {} — {} readers, {} topics",
+        "spillway-bench {} — {} readers, {} topics, {} hub(s), {}",
         r["scenario"].as_str().unwrap_or("?"),
         r["readers"]["total"],
-        r["publish"]["topics"]
+        r["publish"]["topics"],
+        r["hubs"].as_array().map_or(1, Vec::len),
+        r["config"]["args"]["transport"].as_str().unwrap_or("ws"),
     );
     let _ = writeln!(out, r#"<text x="70" y="24" font-size="16" font-weight="bold">{}</text>"#, xml_escape(&title));
-    panel(
-        &mut out,
-        60.0,
-        "Server memory",
-        "MiB",
-        t_max,
-        &[
-            Line { label: "RSS", color: "#1f77b4", points: pick("server_rss_bytes", 1.0 / 1048576.0) },
-            Line { label: "kernel (skmem)", color: "#ff7f0e", points: pick("kernel_bytes", 1.0 / 1048576.0) },
-        ],
-    );
+    let hubs = r["hubs"].as_array().map_or(1, Vec::len);
+    let mut memory = Vec::new();
+    if hubs > 1 {
+        const COLORS: [&str; 6] = ["#1f77b4", "#17becf", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"];
+        for h in 0..hubs {
+            let points = series
+                .iter()
+                .filter_map(|p| Some((p["t_s"].as_f64()?, p["hub_rss_bytes"].get(h)?.as_f64()? / 1048576.0)))
+                .collect();
+            memory.push((format!("hub {} RSS", h + 1), COLORS[h % COLORS.len()], points));
+        }
+    } else {
+        memory.push(("RSS".to_string(), "#1f77b4", pick("server_rss_bytes", 1.0 / 1048576.0)));
+    }
+    memory.push(("kernel (skmem, hub 1)".to_string(), "#ff7f0e", pick("kernel_bytes", 1.0 / 1048576.0)));
+    let memory: Vec<Line<'_>> =
+        memory.iter().map(|(label, color, points)| Line { label, color, points: points.clone() }).collect();
+    panel(&mut out, 60.0, "Server memory", "MiB", t_max, &memory);
+    let storm_at = r["storm"]["at_s"].as_f64();
+    let latency_title = if storm_at.is_some() {
+        "Undisturbed fast readers: publish-to-delivery latency (dashed: the drop)"
+    } else {
+        "Fast readers: publish-to-delivery latency"
+    };
     panel(
         &mut out,
         320.0,
-        "Fast readers: publish-to-delivery latency",
+        latency_title,
         "ms",
         t_max,
         &[
@@ -666,8 +991,17 @@ pub(crate) fn svg(r: &Value) -> String {
         "Open reader connections",
         "",
         t_max,
-        &[Line { label: "connected", color: "#9467bd", points: pick("connected", 1.0) }],
+        &[
+            Line { label: "connected", color: "#9467bd", points: pick("connected", 1.0) },
+            Line { label: "refusals (cumulative)", color: "#d62728", points: pick("refusals", 1.0) },
+        ],
     );
+    if let Some(at) = storm_at {
+        // The drop instant across every panel.
+        let x = 70.0 + at / t_max.max(1e-9) * 800.0;
+        let _ =
+            writeln!(out, r##"<line x1="{x:.1}" y1="60" x2="{x:.1}" y2="780" stroke="#555" stroke-dasharray="4 3"/>"##);
+    }
     out.push_str("</svg>\n");
     out
 }

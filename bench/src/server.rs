@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -11,7 +11,8 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::cli::Args;
+use crate::cli::{Args, Scenario};
+use crate::services::{self, PgUrl};
 
 /// How many of the server's last log lines are kept for error messages.
 const LOG_TAIL: usize = 200;
@@ -32,26 +33,25 @@ pub(crate) struct Server {
 }
 
 impl Server {
-    pub(crate) async fn start_or_attach(args: &Args) -> Result<Server, String> {
-        if let Some(url) = &args.url {
-            let addr = loopback_addr_of_url(url).await?;
-            return Ok(Server {
-                addr,
-                pid: args.server_pid,
-                spawned: false,
-                bin: None,
-                args: Vec::new(),
-                child: None,
-                data_dir: None,
-                log_tail: Arc::default(),
-            });
-        }
-        let bin = match &args.server_bin {
-            Some(bin) => bin.clone(),
-            None => {
-                default_server_bin().ok_or("no --server-bin or --url given, and no target/release/spillway found")?
-            }
-        };
+    /// Attaches to a running server at `url` (its PID, if given, for RSS
+    /// and CPU).
+    pub(crate) async fn attach(url: &str, pid: Option<u32>) -> Result<Server, String> {
+        let addr = loopback_addr_of_url(url).await?;
+        Ok(Server {
+            addr,
+            pid,
+            spawned: false,
+            bin: None,
+            args: Vec::new(),
+            child: None,
+            data_dir: None,
+            log_tail: Arc::default(),
+        })
+    }
+
+    /// Starts `bin` on 127.0.0.1:0 with a temporary data directory, the
+    /// publish token, `extra` and then the user's `server_args`.
+    pub(crate) async fn spawn(args: &Args, bin: &Path, extra: &[String]) -> Result<Server, String> {
         let data_dir =
             std::env::temp_dir().join(format!("spillway-bench-{}-{}", std::process::id(), fastrand::u32(..)));
         std::fs::create_dir_all(&data_dir).map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
@@ -63,8 +63,9 @@ impl Server {
             "--publish-token".into(),
             args.token.clone(),
         ];
+        server_args.extend(extra.iter().cloned());
         server_args.extend(args.server_args.iter().cloned());
-        let mut child = Command::new(&bin)
+        let mut child = Command::new(bin)
             .args(&server_args)
             .env("NO_COLOR", "1")
             .env("RUST_LOG", std::env::var("SPILLWAY_BENCH_SERVER_LOG").unwrap_or_else(|_| "info".into()))
@@ -102,7 +103,7 @@ impl Server {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             pid,
             spawned: true,
-            bin: Some(bin),
+            bin: Some(bin.to_path_buf()),
             args: server_args,
             child: Some(child),
             data_dir: Some(data_dir),
@@ -143,6 +144,111 @@ impl Server {
         }
         if let Some(dir) = self.data_dir.take() {
             let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// The hubs of a run: one server (started or attached), or several, and
+/// for hubs the bench started on PostgreSQL and Redis, what to clean up.
+#[derive(Debug)]
+pub(crate) struct Hubs {
+    pub(crate) servers: Vec<Server>,
+    /// The database and Redis prefix the bench created (`multi-hub`).
+    pub(crate) services: Option<Services>,
+}
+
+/// A fresh database and Redis prefix shared by the hubs the bench started.
+#[derive(Debug, Clone)]
+pub(crate) struct Services {
+    pub(crate) admin: PgUrl,
+    pub(crate) database: String,
+    pub(crate) database_url: String,
+    pub(crate) redis_url: String,
+    pub(crate) redis_hostport: String,
+    pub(crate) prefix: String,
+}
+
+impl Hubs {
+    /// Attaches to every `--url`; or, for several hubs (`multi-hub`, or
+    /// `--hubs N`), creates a database and a Redis prefix and starts the hubs
+    /// on them; or starts one server.
+    pub(crate) async fn start(args: &Args) -> Result<Hubs, String> {
+        if !args.url.is_empty() {
+            let mut servers = Vec::new();
+            for (i, url) in args.url.iter().enumerate() {
+                servers.push(Server::attach(url, args.server_pid.get(i).copied()).await?);
+            }
+            return Ok(Hubs { servers, services: None });
+        }
+        let bin = match &args.server_bin {
+            Some(bin) => bin.clone(),
+            None => {
+                default_server_bin().ok_or("no --server-bin or --url given, and no target/release/spillway found")?
+            }
+        };
+        if args.hubs() == 1 && args.scenario != Scenario::MultiHub {
+            return Ok(Hubs { servers: vec![Server::spawn(args, &bin, &[]).await?], services: None });
+        }
+        let admin = PgUrl::parse(&args.pg_admin_url)?;
+        let redis_hostport = services::redis_hostport(&args.redis_url)?;
+        for url in [admin.hostport.as_str(), redis_hostport.as_str()] {
+            loopback_addr_of_url(&format!("tcp://{url}")).await?;
+        }
+        services::redis_ping(&redis_hostport).await?;
+        let tag = format!("{:08x}", fastrand::u32(..));
+        let database = format!("bench_{tag}");
+        services::pg_execute(&admin, &format!("CREATE DATABASE {database}")).await?;
+        let svc = Services {
+            database_url: admin.with_database(&database),
+            admin,
+            database,
+            redis_url: args.redis_url.clone(),
+            redis_hostport,
+            prefix: format!("bench-{tag}"),
+        };
+        let mut hubs = Hubs { servers: Vec::new(), services: Some(svc.clone()) };
+        for h in 1..=args.hubs() {
+            let extra: Vec<String> = vec![
+                "--database-url".into(),
+                svc.database_url.clone(),
+                "--redis-url".into(),
+                svc.redis_url.clone(),
+                "--redis-prefix".into(),
+                svc.prefix.clone(),
+                "--hub-id".into(),
+                format!("bench-hub-{h}"),
+            ];
+            match Server::spawn(args, &bin, &extra).await {
+                Ok(server) => hubs.servers.push(server),
+                Err(e) => {
+                    hubs.stop().await;
+                    return Err(format!("hub {h}: {e}"));
+                }
+            }
+        }
+        Ok(hubs)
+    }
+
+    /// Stops the servers the bench started, then drops its database and
+    /// deletes its Redis keys. Failures are reported, not fatal.
+    pub(crate) async fn stop(&mut self) {
+        for server in &mut self.servers {
+            server.stop().await;
+        }
+        if let Some(svc) = self.services.take() {
+            if let Err(e) =
+                services::pg_execute(&svc.admin, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", svc.database))
+                    .await
+            {
+                eprintln!("warning: cannot drop database {}: {e}", svc.database);
+            }
+            match services::redis_delete_prefix(&svc.redis_hostport, &svc.prefix).await {
+                Ok(n) => eprintln!(
+                    "cleaned up: database {} dropped, {n} Redis keys under {}: deleted",
+                    svc.database, svc.prefix
+                ),
+                Err(e) => eprintln!("warning: cannot delete Redis keys under {}: {e}", svc.prefix),
+            }
         }
     }
 }

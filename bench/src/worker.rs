@@ -13,14 +13,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
 use tokio::io::AsyncBufReadExt;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 
 use crate::frame;
 use crate::hist::{Dump, new_hist, record};
-use crate::plan::{Command, Profile, ReaderSpec, Tick, WorkerMsg, WorkerPlan, WorkerResult};
+use crate::plan::{Command, HubResult, Profile, ReaderSpec, StormResult, Tick, WorkerMsg, WorkerPlan, WorkerResult};
 use crate::procfs;
-use crate::transport::{Conn, Event, SocketOpts};
+use crate::transport::{Conn, ConnectError, Event, Refusal, SocketOpts};
 
 /// How long one handshake may take before it counts as failed.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -77,8 +77,39 @@ struct ProfileStats {
     connect_failures: AtomicU64,
     reconnects: AtomicU64,
     measured_frames: AtomicU64,
+    admitted_timeouts: AtomicU64,
     hists: Mutex<Hists>,
     ends: Mutex<BTreeMap<String, u64>>,
+    refusals: Mutex<BTreeMap<String, u64>>,
+}
+
+/// One hub's fast readers' latency (a mutex: recorded per frame, read at
+/// the end; never held across an await).
+#[derive(Default)]
+struct HubStats {
+    latency: Mutex<Option<Histogram<u64>>>,
+}
+
+/// The storm as this worker sees it. Counters are atomics bumped by reader
+/// tasks; the histograms sit behind one mutex, held only to record.
+#[derive(Default)]
+struct StormStats {
+    dropped: AtomicU64,
+    back: AtomicU64,
+    attempts: AtomicU64,
+    failures: AtomicU64,
+    admitted_timeouts: AtomicU64,
+    last_back_ns: AtomicU64,
+    refusals: Mutex<BTreeMap<String, u64>>,
+    hists: Mutex<StormHists>,
+}
+
+#[derive(Default)]
+struct StormHists {
+    back_after: Option<Histogram<u64>>,
+    before: Option<Histogram<u64>>,
+    storm: Option<Histogram<u64>>,
+    after: Option<Histogram<u64>>,
 }
 
 /// One reader's latest position, read at the end for freshness.
@@ -89,25 +120,40 @@ struct Slot {
     /// When it arrived, Unix nanoseconds.
     last_at_ns: AtomicU64,
     connected: AtomicBool,
+    /// The position (`EPOCH:VERSION`) of the last state received, for
+    /// `since=` when resuming; only kept when the plan resumes.
+    position: Mutex<Option<String>>,
 }
 
 struct Shared {
     plan: WorkerPlan,
-    addr: SocketAddr,
+    /// Each hub's address, parsed once.
+    addrs: Vec<SocketAddr>,
     connect: Semaphore,
     measure_from: AtomicU64,
     stopping: AtomicBool,
     profiles: [ProfileStats; 4],
+    hubs: Vec<HubStats>,
     slots: Vec<Slot>,
     connected: AtomicU64,
     handshakes: AtomicU64,
     connect_failures: AtomicU64,
+    refusals: AtomicU64,
+    admitted_timeouts: AtomicU64,
     frames: AtomicU64,
     bytes: AtomicU64,
     /// Readers whose first connection attempt has ended.
     initial: AtomicU64,
     initial_done_ms: AtomicU64,
     started: Instant,
+    /// `storm`: the drop instant (Unix ns; `u64::MAX` until told) and the
+    /// length of the storm window, for splitting latencies by send time.
+    storm_at: AtomicU64,
+    storm_window_ns: AtomicU64,
+    /// Flips to `true` at the drop instant; readers that drop watch it (a
+    /// `watch`, so a reader busy with a frame at that moment still sees it).
+    storm_go: watch::Sender<bool>,
+    storm: StormStats,
 }
 
 impl Shared {
@@ -122,6 +168,20 @@ impl Shared {
     fn stats(&self, p: Profile) -> &ProfileStats {
         &self.profiles[p.index() as usize]
     }
+
+    fn refused(&self, stats: &ProfileStats, in_storm: bool, reason: &str) {
+        self.refusals.fetch_add(1, Ordering::Relaxed);
+        *stats.refusals.lock().unwrap_or_else(PoisonError::into_inner).entry(reason.to_string()).or_default() += 1;
+        if in_storm {
+            *self
+                .storm
+                .refusals
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(reason.to_string())
+                .or_default() += 1;
+        }
+    }
 }
 
 fn emit(msg: &WorkerMsg) {
@@ -133,29 +193,39 @@ fn emit(msg: &WorkerMsg) {
 }
 
 async fn run(plan: WorkerPlan, open_files_soft: u64) -> ExitCode {
-    let addr: SocketAddr = match plan.connect_addr.parse() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("worker: bad address {}: {e}", plan.connect_addr);
-            return ExitCode::FAILURE;
+    let mut addrs = Vec::with_capacity(plan.hubs.len());
+    for hub in &plan.hubs {
+        match hub.connect_addr.parse() {
+            Ok(a) => addrs.push(a),
+            Err(e) => {
+                eprintln!("worker: bad address {}: {e}", hub.connect_addr);
+                return ExitCode::FAILURE;
+            }
         }
-    };
+    }
     let readers = plan.readers.len();
     let shared = Arc::new(Shared {
         connect: Semaphore::new(plan.connect_concurrency.max(1)),
-        addr,
+        addrs,
         measure_from: AtomicU64::new(u64::MAX),
         stopping: AtomicBool::new(false),
         profiles: Default::default(),
+        hubs: plan.hubs.iter().map(|_| HubStats::default()).collect(),
         slots: (0..readers).map(|_| Slot::default()).collect(),
         connected: AtomicU64::new(0),
         handshakes: AtomicU64::new(0),
         connect_failures: AtomicU64::new(0),
+        refusals: AtomicU64::new(0),
+        admitted_timeouts: AtomicU64::new(0),
         frames: AtomicU64::new(0),
         bytes: AtomicU64::new(0),
         initial: AtomicU64::new(0),
         initial_done_ms: AtomicU64::new(0),
         started: Instant::now(),
+        storm_at: AtomicU64::new(u64::MAX),
+        storm_window_ns: AtomicU64::new(0),
+        storm_go: watch::Sender::new(false),
+        storm: StormStats::default(),
         plan,
     });
     emit(&WorkerMsg::Started { pid: std::process::id(), open_files_soft });
@@ -172,6 +242,18 @@ async fn run(plan: WorkerPlan, open_files_soft: u64) -> ExitCode {
         };
         match serde_json::from_str::<Command>(&line) {
             Ok(Command::Measure { from_unix_ns }) => shared.measure_from.store(from_unix_ns, Ordering::Relaxed),
+            Ok(Command::Storm { at_unix_ns, window_ms }) => {
+                shared.storm_window_ns.store(window_ms.saturating_mul(1_000_000), Ordering::Relaxed);
+                shared.storm_at.store(at_unix_ns, Ordering::Relaxed);
+                let shared = Arc::clone(&shared);
+                // Every worker gets the same wall-clock instant, so the
+                // drop is simultaneous across processes.
+                tokio::spawn(async move {
+                    let wait = Duration::from_nanos(at_unix_ns.saturating_sub(now_ns()));
+                    tokio::time::sleep(wait).await;
+                    shared.storm_go.send_replace(true);
+                });
+            }
             Ok(Command::Finish { finals, last_publish_unix_ns, grace_ms }) => {
                 let result = finish(&shared, &finals, &last_publish_unix_ns, grace_ms).await;
                 ticker.abort();
@@ -206,6 +288,10 @@ async fn ticks(shared: Arc<Shared>) {
             bytes: load(&shared.bytes),
             initial_done_ms: load(&shared.initial_done_ms),
             fast_latency_interval: interval,
+            storm_dropped: load(&shared.storm.dropped),
+            storm_back: load(&shared.storm.back),
+            refusals: load(&shared.refusals),
+            admitted_timeouts: load(&shared.admitted_timeouts),
         }));
     }
 }
@@ -214,22 +300,31 @@ async fn ticks(shared: Arc<Shared>) {
 struct End {
     label: String,
     retry_after_ms: Option<u64>,
+    /// The server refused (a long-poll's 503 mid-session): its reason.
+    refused: Option<String>,
+    /// The reader dropped itself at the storm instant.
+    storm_drop: bool,
+    /// The session delivered at least one state (the client's rule for
+    /// resetting its backoff).
+    got_state: bool,
 }
 
 impl End {
     fn of(event: &Event) -> Self {
-        match event {
-            Event::Closed { code, reason } => End {
-                label: format!("close-{code}"),
-                retry_after_ms: frame_number(reason.as_bytes(), b"\"retry_after_ms\":"),
-            },
-            Event::Eof => End { label: "eof".into(), retry_after_ms: None },
-            Event::Error(e) => {
-                let label = if e.contains("reset") { "reset" } else { "error" };
-                End { label: label.into(), retry_after_ms: None }
+        let (label, retry_after_ms, refused) = match event {
+            Event::Closed { code, reason } => {
+                (format!("close-{code}"), frame_number(reason.as_bytes(), b"\"retry_after_ms\":"), None)
             }
-            Event::Frame(_) => End { label: "frame".into(), retry_after_ms: None },
-        }
+            Event::Refused(r) => (format!("refused-{}", r.reason), r.retry_after_ms, Some(r.reason.clone())),
+            Event::Eof => ("eof".into(), None, None),
+            Event::Error(e) => (if e.contains("reset") { "reset" } else { "error" }.into(), None, None),
+            Event::Frame(_) => ("frame".into(), None, None),
+        };
+        End { label, retry_after_ms, refused, storm_drop: false, got_state: false }
+    }
+
+    fn labelled(label: &str) -> Self {
+        End { label: label.into(), retry_after_ms: None, refused: None, storm_drop: false, got_state: false }
     }
 }
 
@@ -247,6 +342,19 @@ fn full_jitter(base_ms: u64, cap_ms: u64, attempt: u32) -> Duration {
     Duration::from_millis(fastrand::u64(0..window))
 }
 
+/// The product client's delay (`spillway.backoff` in `static/client.js`):
+/// full jitter, and never sooner than the server's hint.
+fn client_backoff(base_ms: u64, cap_ms: u64, attempt: u32, hint_ms: Option<u64>) -> Duration {
+    let jitter = full_jitter(base_ms, cap_ms, attempt);
+    match hint_ms {
+        Some(h) if h > 0 => jitter.max(Duration::from_millis(h.min(MAX_HINT_MS))),
+        _ => jitter,
+    }
+}
+
+/// A server hint above five minutes is treated as a bug, as the client does.
+const MAX_HINT_MS: u64 = 300_000;
+
 async fn reader(shared: Arc<Shared>, index: usize) {
     let spec = shared.plan.readers[index];
     let knobs = &shared.plan.knobs;
@@ -256,68 +364,158 @@ async fn reader(shared: Arc<Shared>, index: usize) {
         rcvbuf: slow.then_some(knobs.slow_rcvbuf),
         bandwidth: (spec.profile == Profile::ThreeG).then_some(knobs.bandwidth),
         read_buffer: knobs.read_buffer,
+        long_poll_wait_s: shared.plan.long_poll_wait_s,
     };
-    let url = shared.plan.urls[spec.topic as usize].clone();
+    let hub = usize::from(spec.hub).min(shared.addrs.len().saturating_sub(1));
+    let url = shared.plan.hubs[hub].urls[spec.topic as usize].clone();
+    let addr = shared.addrs[hub];
+    let first_frame_timeout = Duration::from_millis(shared.plan.first_frame_timeout_ms.max(1));
     let stats = shared.stats(spec.profile);
     let slot = &shared.slots[index];
+    let mut storm_rx = spec.drops.then(|| shared.storm_go.subscribe());
+    // Set from the drop until the reader is back.
+    let mut dropped_at: Option<Instant> = None;
     let mut attempt = 0u32;
     let mut first = true;
+    // A reconnect is a connection after the first successful one (a reader
+    // refused at first and then admitted has not reconnected).
+    let mut ever_connected = false;
     loop {
         if shared.stopping.load(Ordering::Relaxed) {
             return;
         }
+        let in_storm = dropped_at.is_some();
+        if in_storm {
+            shared.storm.attempts.fetch_add(1, Ordering::Relaxed);
+        }
+        let since = if shared.plan.resume {
+            slot.position.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        } else {
+            None
+        };
         let connected = {
             let Ok(_permit) = shared.connect.acquire().await else { return };
             let started = Instant::now();
-            let conn = Conn::connect(shared.plan.transport, shared.addr, &url, opts, HANDSHAKE_TIMEOUT).await;
+            let conn =
+                Conn::connect(shared.plan.transport, addr, &url, since.as_deref(), opts, HANDSHAKE_TIMEOUT).await;
             conn.map(|c| (c, started.elapsed()))
         };
         if first {
             shared.initial_attempt_over();
         }
+        let backoff = |attempt: u32, hint: Option<u64>| {
+            client_backoff(knobs.backoff_base_ms, knobs.backoff_cap_ms, attempt, hint)
+        };
         let wait = match connected {
-            Err(e) => {
+            Err(ConnectError::Refused(r)) => {
+                shared.refused(stats, in_storm, &r.reason);
+                count_end(stats, &format!("refused-{}", r.reason));
+                attempt += 1;
+                backoff(attempt - 1, r.retry_after_ms)
+            }
+            Err(ConnectError::Failed(e)) => {
                 stats.connect_failures.fetch_add(1, Ordering::Relaxed);
                 shared.connect_failures.fetch_add(1, Ordering::Relaxed);
+                if in_storm {
+                    shared.storm.failures.fetch_add(1, Ordering::Relaxed);
+                }
                 if attempt == 0 && first {
                     tracing_line(&format!("connect failed: {e}"));
                 }
                 count_end(stats, "connect-failed");
-                let wait = full_jitter(knobs.backoff_base_ms, knobs.backoff_cap_ms, attempt);
                 attempt += 1;
-                wait
+                backoff(attempt - 1, None)
             }
-            Ok((conn, took)) => {
-                {
-                    let mut h = stats.hists.lock().unwrap_or_else(PoisonError::into_inner);
-                    record(Hists::get(&mut h.handshake), took.as_micros() as u64);
+            Ok((mut conn, took)) => {
+                // Admitted: the first frame (`hello`, a long-poll's first
+                // answer) must follow, or the admission was worth nothing.
+                match tokio::time::timeout(first_frame_timeout, conn.next()).await {
+                    Err(_) => {
+                        drop(conn);
+                        stats.admitted_timeouts.fetch_add(1, Ordering::Relaxed);
+                        shared.admitted_timeouts.fetch_add(1, Ordering::Relaxed);
+                        if in_storm {
+                            shared.storm.admitted_timeouts.fetch_add(1, Ordering::Relaxed);
+                        }
+                        count_end(stats, "first-frame-timeout");
+                        attempt += 1;
+                        backoff(attempt - 1, None)
+                    }
+                    Ok(Event::Frame(bytes)) if Refusal::of_notice(&bytes, conn.sse_retry()).is_some() => {
+                        // An event stream refuses with 200 and a lone notice.
+                        let r = Refusal::of_notice(&bytes, conn.sse_retry())
+                            .unwrap_or_else(|| Refusal { reason: "notice".into(), retry_after_ms: None });
+                        shared.refused(stats, in_storm, &r.reason);
+                        count_end(stats, &format!("refused-{}", r.reason));
+                        attempt += 1;
+                        backoff(attempt - 1, r.retry_after_ms)
+                    }
+                    Ok(Event::Frame(bytes)) => {
+                        {
+                            let mut h = stats.hists.lock().unwrap_or_else(PoisonError::into_inner);
+                            record(Hists::get(&mut h.handshake), took.as_micros() as u64);
+                        }
+                        stats.connects.fetch_add(1, Ordering::Relaxed);
+                        if ever_connected {
+                            stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                        }
+                        ever_connected = true;
+                        shared.handshakes.fetch_add(1, Ordering::Relaxed);
+                        shared.connected.fetch_add(1, Ordering::Relaxed);
+                        slot.connected.store(true, Ordering::Relaxed);
+                        if let Some(at) = dropped_at.take() {
+                            back_from_storm(&shared, at);
+                        }
+                        // A reader that was not connected at the storm
+                        // instant missed it; it does not drop later.
+                        if storm_rx.as_ref().is_some_and(|rx| *rx.borrow()) {
+                            storm_rx = None;
+                        }
+                        let end = session(&shared, spec, slot, conn, &bytes, &mut storm_rx).await;
+                        slot.connected.store(false, Ordering::Relaxed);
+                        shared.connected.fetch_sub(1, Ordering::Relaxed);
+                        count_end(stats, &end.label);
+                        if let Some(reason) = &end.refused {
+                            shared.refused(stats, false, reason);
+                        }
+                        if end.storm_drop {
+                            // The worst case: every dropped reader tries
+                            // again at once, then follows the hints.
+                            shared.storm.dropped.fetch_add(1, Ordering::Relaxed);
+                            dropped_at = Some(Instant::now());
+                            storm_rx = None;
+                            attempt = 0;
+                            Duration::ZERO
+                        } else {
+                            if end.got_state {
+                                attempt = 0;
+                            }
+                            attempt += 1;
+                            backoff(attempt - 1, end.retry_after_ms)
+                        }
+                    }
+                    Ok(other) => {
+                        let end = End::of(&other);
+                        count_end(stats, &end.label);
+                        if let Some(reason) = &end.refused {
+                            shared.refused(stats, in_storm, reason);
+                        }
+                        attempt += 1;
+                        backoff(attempt - 1, end.retry_after_ms)
+                    }
                 }
-                stats.connects.fetch_add(1, Ordering::Relaxed);
-                if !first {
-                    stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                }
-                shared.handshakes.fetch_add(1, Ordering::Relaxed);
-                shared.connected.fetch_add(1, Ordering::Relaxed);
-                slot.connected.store(true, Ordering::Relaxed);
-                let opened = Instant::now();
-                let end = session(&shared, spec, slot, conn).await;
-                slot.connected.store(false, Ordering::Relaxed);
-                shared.connected.fetch_sub(1, Ordering::Relaxed);
-                count_end(stats, &end.label);
-                if opened.elapsed() > Duration::from_millis(knobs.backoff_cap_ms) {
-                    attempt = 0;
-                }
-                let wait = end
-                    .retry_after_ms
-                    .map(Duration::from_millis)
-                    .unwrap_or_else(|| full_jitter(knobs.backoff_base_ms, knobs.backoff_cap_ms, attempt));
-                attempt += 1;
-                wait
             }
         };
         first = false;
         tokio::time::sleep(wait).await;
     }
+}
+
+fn back_from_storm(shared: &Shared, dropped_at: Instant) {
+    shared.storm.back.fetch_add(1, Ordering::Relaxed);
+    shared.storm.last_back_ns.fetch_max(now_ns(), Ordering::Relaxed);
+    let mut h = shared.storm.hists.lock().unwrap_or_else(PoisonError::into_inner);
+    record(Hists::get(&mut h.back_after), dropped_at.elapsed().as_micros() as u64);
 }
 
 fn tracing_line(text: &str) {
@@ -328,17 +526,44 @@ fn count_end(stats: &ProfileStats, label: &str) {
     *stats.ends.lock().unwrap_or_else(PoisonError::into_inner).entry(label.to_string()).or_default() += 1;
 }
 
-/// One connection's life, by profile.
-async fn session(shared: &Shared, spec: ReaderSpec, slot: &Slot, mut conn: Conn) -> End {
+/// The next event, or `None` when the storm instant comes first.
+async fn next_or_storm(conn: &mut Conn, storm: &mut Option<watch::Receiver<bool>>) -> Option<Event> {
+    let Some(rx) = storm.as_mut() else { return Some(conn.next().await) };
+    let fired = tokio::select! {
+        event = conn.next() => return Some(event),
+        r = rx.wait_for(|go| *go) => r.is_ok(),
+    };
+    if fired {
+        return None;
+    }
+    // The sender is gone (cannot happen while the worker runs): read on.
+    *storm = None;
+    Some(conn.next().await)
+}
+
+fn storm_end(label: &str) -> End {
+    End { storm_drop: true, ..End::labelled(label) }
+}
+
+/// One connection's life, by profile. `first` is the frame that proved the
+/// connection (usually `hello`).
+async fn session(
+    shared: &Shared,
+    spec: ReaderSpec,
+    slot: &Slot,
+    mut conn: Conn,
+    first: &[u8],
+    storm: &mut Option<watch::Receiver<bool>>,
+) -> End {
     let knobs = &shared.plan.knobs;
-    let mut reading = Reading { first: true };
-    match spec.profile {
+    let mut reading = Reading { first: true, states: 0 };
+    reading.on_frame(shared, spec, slot, first);
+    let mut end = match spec.profile {
         Profile::Fast | Profile::ThreeG => loop {
-            let event = conn.next().await;
-            if let Event::Frame(bytes) = &event {
-                reading.on_frame(shared, spec, slot, bytes);
-            } else {
-                return End::of(&event);
+            match next_or_storm(&mut conn, storm).await {
+                None => break storm_end("storm-drop"),
+                Some(Event::Frame(bytes)) => reading.on_frame(shared, spec, slot, &bytes),
+                Some(other) => break End::of(&other),
             }
         },
         Profile::Flapping => {
@@ -346,50 +571,63 @@ async fn session(shared: &Shared, spec: ReaderSpec, slot: &Slot, mut conn: Conn)
             let drop_at = Instant::now() + Duration::from_millis(lifetime);
             loop {
                 tokio::select! {
-                    event = conn.next() => {
-                        if let Event::Frame(bytes) = &event {
-                            reading.on_frame(shared, spec, slot, bytes);
-                        } else {
-                            return End::of(&event);
-                        }
-                    }
-                    () = tokio::time::sleep_until(drop_at) => {
-                        // Drop without a close frame, as a lost network does.
-                        drop(conn);
-                        return End { label: "client-drop".into(), retry_after_ms: None };
-                    }
+                    event = next_or_storm(&mut conn, storm) => match event {
+                        None => break storm_end("storm-drop"),
+                        Some(Event::Frame(bytes)) => reading.on_frame(shared, spec, slot, &bytes),
+                        Some(other) => break End::of(&other),
+                    },
+                    // Drop without a close frame, as a lost network does.
+                    () = tokio::time::sleep_until(drop_at) => break End::labelled("client-drop"),
                 }
             }
         }
         Profile::Stalled => {
-            // Take the greeting so the subscription is established, then stop
-            // reading: the socket's receive buffer fills and the server's
-            // send buffer behind it.
-            match tokio::time::timeout(Duration::from_secs(10), conn.next()).await {
-                Ok(Event::Frame(bytes)) => reading.on_frame(shared, spec, slot, &bytes),
-                Ok(other) => return End::of(&other),
-                Err(_) => {}
-            }
-            match knobs.stall_resume_ms {
-                None => std::future::pending::<()>().await,
-                Some(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
-            }
-            loop {
-                let event = conn.next().await;
-                if let Event::Frame(bytes) = &event {
-                    reading.on_frame(shared, spec, slot, bytes);
-                } else {
-                    return End::of(&event);
+            // The greeting established the subscription; now stop reading:
+            // the socket's receive buffer fills and the server's send
+            // buffer behind it.
+            let stall = async {
+                match knobs.stall_resume_ms {
+                    None => std::future::pending::<()>().await,
+                    Some(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+                }
+            };
+            let stormed = async {
+                if let Some(rx) = storm.as_mut()
+                    && rx.wait_for(|go| *go).await.is_ok()
+                {
+                    return;
+                }
+                std::future::pending::<()>().await
+            };
+            let dropped = tokio::select! {
+                () = stall => false,
+                () = stormed => true,
+            };
+            if dropped {
+                storm_end("storm-drop")
+            } else {
+                loop {
+                    match next_or_storm(&mut conn, storm).await {
+                        None => break storm_end("storm-drop"),
+                        Some(Event::Frame(bytes)) => reading.on_frame(shared, spec, slot, &bytes),
+                        Some(other) => break End::of(&other),
+                    }
                 }
             }
         }
-    }
+    };
+    // Dropping the connection here closes it without a close frame.
+    drop(conn);
+    end.got_state = reading.states > 0;
+    end
 }
 
 struct Reading {
     /// The first state frame of a connection is the snapshot it joined on,
     /// not a delivery of a fresh publish: no latency for it.
     first: bool,
+    /// State frames received on this connection.
+    states: u64,
 }
 
 impl Reading {
@@ -402,6 +640,12 @@ impl Reading {
         shared.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         let fields = frame::parse(bytes);
         let (Some(seq), Some(ts)) = (fields.seq, fields.ts) else { return };
+        self.states += 1;
+        if shared.plan.resume
+            && let Some(pos) = frame::position(bytes)
+        {
+            *slot.position.lock().unwrap_or_else(PoisonError::into_inner) = Some(pos);
+        }
         if let Some(skipped) = fields.skipped {
             stats.skipped_field.fetch_add(skipped, Ordering::Relaxed);
         }
@@ -417,10 +661,33 @@ impl Reading {
         if ts >= shared.measure_from.load(Ordering::Relaxed) {
             stats.measured_frames.fetch_add(1, Ordering::Relaxed);
             let micros = now.saturating_sub(ts) / 1000;
-            let mut h = stats.hists.lock().unwrap_or_else(PoisonError::into_inner);
-            record(Hists::get(&mut h.latency), micros);
+            let undisturbed = !spec.drops;
+            {
+                let mut h = stats.hists.lock().unwrap_or_else(PoisonError::into_inner);
+                record(Hists::get(&mut h.latency), micros);
+                // In a storm the chart follows the readers that stay.
+                if spec.profile == Profile::Fast && (undisturbed || !shared.plan.storm) {
+                    record(Hists::get(&mut h.interval), micros);
+                }
+            }
             if spec.profile == Profile::Fast {
-                record(Hists::get(&mut h.interval), micros);
+                if let Some(hub) = shared.hubs.get(usize::from(spec.hub)) {
+                    let mut h = hub.latency.lock().unwrap_or_else(PoisonError::into_inner);
+                    record(Hists::get(&mut h), micros);
+                }
+                if shared.plan.storm && undisturbed {
+                    let at = shared.storm_at.load(Ordering::Relaxed);
+                    let window = shared.storm_window_ns.load(Ordering::Relaxed);
+                    let mut h = shared.storm.hists.lock().unwrap_or_else(PoisonError::into_inner);
+                    let phase = if ts < at {
+                        &mut h.before
+                    } else if ts < at.saturating_add(window) {
+                        &mut h.storm
+                    } else {
+                        &mut h.after
+                    };
+                    record(Hists::get(phase), micros);
+                }
             }
         }
     }
@@ -447,26 +714,44 @@ async fn finish(shared: &Shared, finals: &[u64], last_publish_ns: &[u64], grace_
         pid: std::process::id(),
         cpu_s: procfs::cpu_seconds(std::process::id(), crate::sys::clock_ticks_per_second()).unwrap_or(0.0),
         rss_peak_bytes: procfs::vm_bytes(std::process::id(), "VmHWM").unwrap_or(0),
+        hubs: vec![HubResult::default(); shared.plan.hubs.len()],
         ..WorkerResult::default()
     };
     let mut final_after: BTreeMap<Profile, Histogram<u64>> = BTreeMap::new();
+    let mut hub_final_after: Vec<Histogram<u64>> = shared.plan.hubs.iter().map(|_| new_hist()).collect();
     for (i, s) in shared.slots.iter().enumerate() {
-        let profile = shared.plan.readers[i].profile;
+        let spec = shared.plan.readers[i];
+        let profile = spec.profile;
+        let hub = usize::from(spec.hub).min(result.hubs.len().saturating_sub(1));
         let entry = result.profiles.entry(profile).or_default();
         entry.readers += 1;
+        result.hubs[hub].readers += 1;
         if !s.connected.load(Ordering::Relaxed) {
             continue;
         }
         entry.connected_at_end += 1;
+        result.hubs[hub].connected_at_end += 1;
         if on_final(i, s) {
             entry.on_final += 1;
-            let topic = shared.plan.readers[i].topic as usize;
+            let topic = spec.topic as usize;
             let sent = last_publish_ns.get(topic).copied().unwrap_or(0);
             let after = s.last_at_ns.load(Ordering::Relaxed).saturating_sub(sent) / 1000;
             record(final_after.entry(profile).or_insert_with(new_hist), after);
+            if profile.should_be_fresh() {
+                result.hubs[hub].on_final += 1;
+                record(&mut hub_final_after[hub], after);
+            }
         } else {
             entry.not_on_final += 1;
+            if profile.should_be_fresh() {
+                result.hubs[hub].not_on_final += 1;
+            }
         }
+    }
+    for (h, out) in result.hubs.iter_mut().enumerate() {
+        out.final_after = Dump::of(&hub_final_after[h]);
+        let lat = shared.hubs[h].latency.lock().unwrap_or_else(PoisonError::into_inner);
+        out.fast_latency = lat.as_ref().map(Dump::of).unwrap_or_default();
     }
     for profile in Profile::ALL {
         let Some(entry) = result.profiles.get_mut(&profile) else { continue };
@@ -480,11 +765,58 @@ async fn finish(shared: &Shared, finals: &[u64], last_publish_ns: &[u64], grace_
         entry.connect_failures = load(&stats.connect_failures);
         entry.reconnects = load(&stats.reconnects);
         entry.measured_frames = load(&stats.measured_frames);
+        entry.admitted_timeouts = load(&stats.admitted_timeouts);
+        entry.refusals = stats.refusals.lock().unwrap_or_else(PoisonError::into_inner).clone();
         let h = stats.hists.lock().unwrap_or_else(PoisonError::into_inner);
         entry.latency = h.latency.as_ref().map(Dump::of).unwrap_or_default();
         entry.handshake = h.handshake.as_ref().map(Dump::of).unwrap_or_default();
         entry.ends = stats.ends.lock().unwrap_or_else(PoisonError::into_inner).clone();
         entry.final_after = final_after.get(&profile).map(Dump::of).unwrap_or_default();
     }
+    if shared.plan.storm {
+        let st = &shared.storm;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let h = st.hists.lock().unwrap_or_else(PoisonError::into_inner);
+        let dump = |x: &Option<Histogram<u64>>| x.as_ref().map(Dump::of).unwrap_or_default();
+        result.storm = Some(StormResult {
+            dropped: load(&st.dropped),
+            back: load(&st.back),
+            attempts: load(&st.attempts),
+            refusals: st.refusals.lock().unwrap_or_else(PoisonError::into_inner).clone(),
+            failures: load(&st.failures),
+            admitted_timeouts: load(&st.admitted_timeouts),
+            back_after: dump(&h.back_after),
+            last_back_unix_ns: load(&st.last_back_ns),
+            latency_before: dump(&h.before),
+            latency_storm: dump(&h.storm),
+            latency_after: dump(&h.after),
+        });
+    }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_full_jitter_floored_by_the_hint() {
+        for attempt in 0..8 {
+            let window = (500u64 << attempt).min(30_000);
+            let d = client_backoff(500, 30_000, attempt, None);
+            assert!(d < Duration::from_millis(window), "attempt {attempt}: {d:?}");
+            let hinted = client_backoff(500, 30_000, attempt, Some(20_000));
+            assert!(hinted >= Duration::from_millis(20_000) && hinted < Duration::from_millis(30_000));
+        }
+        // A hint above five minutes is capped there, as the client does.
+        assert_eq!(client_backoff(1, 1, 0, Some(10_000_000)), Duration::from_millis(MAX_HINT_MS));
+    }
+
+    #[test]
+    fn close_reasons_carry_hints() {
+        let end = End::of(&Event::Closed { code: 4001, reason: r#"{"retry_after_ms":2500}"#.into() });
+        assert_eq!((end.label.as_str(), end.retry_after_ms), ("close-4001", Some(2500)));
+        let refused = End::of(&Event::Refused(Refusal { reason: "accept_rate".into(), retry_after_ms: Some(9) }));
+        assert_eq!((refused.label.as_str(), refused.refused.as_deref()), ("refused-accept_rate", Some("accept_rate")));
+    }
 }

@@ -43,6 +43,40 @@ pub struct BusStats {
     pub resyncs: AtomicU64,
     /// Versions installed by a resynchronisation (the bus had missed them).
     pub resync_applied: AtomicU64,
+    /// Stream ingest: entries committed.
+    pub ingest_committed: AtomicU64,
+    /// Stream ingest: entries acknowledged without a write, by reason
+    /// (`IngestDrop`): malformed, superseded or refused by the store, or
+    /// creating a topic beyond `--max-topics`.
+    pub ingest_dropped: [AtomicU64; 3],
+    /// Stream ingest: losses of the Redis connection.
+    pub ingest_errors: AtomicU64,
+}
+
+/// Why stream ingest acknowledged an entry without committing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IngestDrop {
+    /// The entry is not a valid write (no topic, bad JSON, unknown op).
+    Malformed = 0,
+    /// The store settled it without a write: an older entry than the last
+    /// applied one, a patch or delete of a missing topic.
+    Superseded = 1,
+    /// It would create a topic beyond `--max-topics`.
+    TopicLimit = 2,
+}
+
+impl IngestDrop {
+    /// Every reason, for metrics.
+    pub const ALL: [IngestDrop; 3] = [IngestDrop::Malformed, IngestDrop::Superseded, IngestDrop::TopicLimit];
+
+    /// The label used in metrics.
+    pub const fn label(self) -> &'static str {
+        match self {
+            IngestDrop::Malformed => "malformed",
+            IngestDrop::Superseded => "superseded",
+            IngestDrop::TopicLimit => "topic_limit",
+        }
+    }
 }
 
 /// The bus handle. Cheap to clone.

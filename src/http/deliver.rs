@@ -33,6 +33,9 @@ pub(super) struct Framed {
     pub(super) text: Option<Utf8Bytes>,
     /// The topic whose deletion this frame announces, if it does.
     pub(super) deleted: Option<TopicName>,
+    /// When the version was committed (ms since the Unix epoch), for the
+    /// delivery-lag histogram.
+    pub(super) committed_ms: u64,
 }
 
 /// Frames `delivery` for `framing`. `sub` has already recorded the delivery,
@@ -60,7 +63,12 @@ pub(super) fn frame(
             let holds_base = delta && previous.is_some() && snapshot.base.as_ref().map(|(p, _)| *p) == previous;
             if framing == Framing::Ws {
                 let text = ws_text(&snapshot, holds_base, skipped);
-                return Framed { bytes: Bytes::new(), text: Some(text), deleted: None };
+                return Framed {
+                    bytes: Bytes::new(),
+                    text: Some(text),
+                    deleted: None,
+                    committed_ms: snapshot.updated_ms,
+                };
             }
             let bytes = match framing {
                 Framing::Ws | Framing::SseMulti => {
@@ -78,13 +86,13 @@ pub(super) fn frame(
                     .filter(|p| !p.is_empty())
                     .unwrap_or_else(|| snapshot.encoded(Wire::SseEvent, sse_single).with_skipped(skipped)),
             };
-            Framed { bytes, text: None, deleted: None }
+            Framed { bytes, text: None, deleted: None, committed_ms: snapshot.updated_ms }
         }
         Delivery::Deleted(snapshot) => {
             let deleted = Some(snapshot.topic.clone());
             if framing == Framing::Ws {
                 let text = shared_text(&snapshot, Wire::WsFrame, ws_frame);
-                return Framed { bytes: Bytes::new(), text: Some(text), deleted };
+                return Framed { bytes: Bytes::new(), text: Some(text), deleted, committed_ms: snapshot.updated_ms };
             }
             let frame = snapshot.encoded(Wire::WsFrame, ws_frame).bytes.clone();
             let bytes = match framing {
@@ -92,7 +100,7 @@ pub(super) fn frame(
                 Framing::SseSingle => protocol::sse_event(&snapshot.position().to_string(), &frame),
                 Framing::SseMulti => sse_event(&multi_id(sub), &frame),
             };
-            Framed { bytes, text: None, deleted }
+            Framed { bytes, text: None, deleted, committed_ms: snapshot.updated_ms }
         }
     }
 }
@@ -142,6 +150,12 @@ fn shared_text(snapshot: &Snapshot, wire: Wire, build: fn(&Snapshot) -> Encoded)
 pub(super) fn checked_text(bytes: Bytes) -> Utf8Bytes {
     // Our encoders only ever produce UTF-8; the check cannot fail.
     Utf8Bytes::try_from(bytes).unwrap_or_else(|_| Utf8Bytes::from_static("{}"))
+}
+
+/// Records a state frame's commit-to-socket lag, once the socket has taken it.
+pub(super) fn observe_lag(app: &AppState, committed_ms: u64) {
+    let lag_ms = crate::metrics::now_unix_ms().saturating_sub(committed_ms);
+    app.metrics.delivery_lag.observe_us(lag_ms.saturating_mul(1000));
 }
 
 /// The SSE id of a multi-topic stream: every held position, `NAME=EPOCH:VERSION`

@@ -1,6 +1,7 @@
 //! The HTTP surface: one `router(state)`, the shared application state, and
 //! the one error type every handler returns. Each submodule owns its routes.
 
+mod admin;
 mod deliver;
 mod error;
 mod ops;
@@ -20,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use error::ApiError;
+pub use ops::starting_router;
 
 use crate::config::Secret;
 use crate::metrics::{Connections, Metrics};
@@ -59,6 +61,8 @@ pub struct Settings {
     pub max_staleness: Duration,
     /// Readers are told to reconnect at moments spread over this window on SIGTERM.
     pub drain_window: Duration,
+    /// The operator page's token; `None` turns `/admin` off.
+    pub admin_token: Option<Secret>,
 }
 
 impl Settings {
@@ -82,9 +86,13 @@ impl Settings {
         headers: &axum::http::HeaderMap,
         resuming: bool,
     ) -> Result<crate::admission::Permit, crate::admission::Refused> {
+        admission.admit(self.client_ip(peer, headers), resuming)
+    }
+
+    /// The client's address: the peer, or what a trusted proxy says.
+    pub fn client_ip(&self, peer: &crate::net::Peer, headers: &axum::http::HeaderMap) -> std::net::IpAddr {
         let forwarded = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
-        let ip = crate::admission::client_ip(peer.addr.ip(), forwarded, &self.trusted_proxies);
-        admission.admit(ip, resuming)
+        crate::admission::client_ip(peer.addr.ip(), forwarded, &self.trusted_proxies)
     }
 
     /// A moment in the drain window, drawn uniformly, at which a reader is
@@ -151,6 +159,7 @@ pub fn router(state: AppState) -> Router {
         .merge(ws::router())
         .merge(ops::router())
         .merge(pages::router())
+        .merge(admin::router(&state.settings))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(cors)

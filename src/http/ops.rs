@@ -28,6 +28,24 @@ async fn metrics(State(app): State<AppState>) -> Response {
     response
 }
 
+/// The router served while the store is being opened and loaded: the
+/// process is alive, not ready, and everything else is turned away with a
+/// reconnect hint (a read now would miss topics not loaded yet).
+pub fn starting_router() -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({ "status": "starting" })) }))
+        .route(
+            "/readyz",
+            get(|| async {
+                (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "ready": false, "reason": "starting" }))).into_response()
+            }),
+        )
+        .fallback(|| async {
+            ApiError::Overloaded { reason: "starting", retry_after_ms: crate::protocol::jittered_ms(1000, 3000) }
+                .into_response()
+        })
+}
+
 /// The process is alive; the body says how its store and bus are doing.
 async fn healthz(State(app): State<AppState>) -> Json<serde_json::Value> {
     let bus = if !app.bus.is_redis() {

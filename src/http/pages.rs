@@ -258,7 +258,7 @@ fn ago(now_ms: u64, then_ms: u64) -> String {
 
 /// A static file compiled into the binary, with its gzip form built on first
 /// request (scripts are fetched by every page view, so they go compressed).
-struct Asset {
+pub(super) struct Asset {
     body: &'static str,
     content_type: &'static str,
     gzip: OnceLock<Vec<u8>>,
@@ -269,7 +269,7 @@ impl Asset {
         Self { body, content_type, gzip: OnceLock::new() }
     }
 
-    fn serve(&'static self, headers: &HeaderMap) -> Response {
+    pub(super) fn serve(&'static self, headers: &HeaderMap) -> Response {
         let accepts_gzip = headers
             .get(header::ACCEPT_ENCODING)
             .and_then(|v| v.to_str().ok())
@@ -318,6 +318,9 @@ static EMBED_JS: Asset = Asset::new(
     JS,
 );
 static STYLE_CSS: Asset = Asset::new(include_str!("../../static/style.css"), "text/css; charset=utf-8");
+/// The operator page's script and stylesheet, served by `admin` under `/admin`.
+pub(super) static ADMIN_JS: Asset = Asset::new(include_str!("../../static/admin.js"), JS);
+pub(super) static ADMIN_CSS: Asset = Asset::new(include_str!("../../static/admin.css"), "text/css; charset=utf-8");
 const PARTNER_EXAMPLE: &str = include_str!("../../static/partner-example.html");
 
 /// The sample partner page, with this server's address filled in so it can

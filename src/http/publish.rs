@@ -3,6 +3,7 @@
 //! nothing; a write is answered only after its commit.
 
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use axum::Json;
 use axum::Router;
@@ -29,6 +30,7 @@ async fn put_topic(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<PublishAck>, ApiError> {
+    let started = Instant::now();
     let outcome = async {
         authorize(&app, &headers)?;
         require_content_type(&headers, &["application/json"], "application/json")?;
@@ -37,7 +39,7 @@ async fn put_topic(
         Ok(Write { precondition, ..Write::new(topic, Change::Put(state)) })
     }
     .await;
-    commit(&app, outcome).await
+    commit(&app, outcome, started).await
 }
 
 async fn patch_topic(
@@ -46,6 +48,7 @@ async fn patch_topic(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<PublishAck>, ApiError> {
+    let started = Instant::now();
     let outcome = async {
         authorize(&app, &headers)?;
         require_content_type(&headers, &["application/merge-patch+json"], "application/merge-patch+json")?;
@@ -54,7 +57,7 @@ async fn patch_topic(
         Ok(Write { precondition, ..Write::new(topic, Change::Patch(patch)) })
     }
     .await;
-    commit(&app, outcome).await
+    commit(&app, outcome, started).await
 }
 
 async fn delete_topic(
@@ -62,15 +65,20 @@ async fn delete_topic(
     TopicPath(topic): TopicPath,
     headers: HeaderMap,
 ) -> Result<Json<PublishAck>, ApiError> {
+    let started = Instant::now();
     let outcome = authorize(&app, &headers)
         .and_then(|()| precondition(&headers))
         .map(|precondition| Write { precondition, ..Write::new(topic, Change::Delete) });
-    commit(&app, outcome).await
+    commit(&app, outcome, started).await
 }
 
 /// Commits a validated write, installs the new version in the hub and
 /// answers; or answers the validation error. Counts either way.
-async fn commit(app: &AppState, write: Result<Write, ApiError>) -> Result<Json<PublishAck>, ApiError> {
+async fn commit(
+    app: &AppState,
+    write: Result<Write, ApiError>,
+    started: Instant,
+) -> Result<Json<PublishAck>, ApiError> {
     let write = write
         .and_then(|write| {
             // A write that would create one topic too many is refused before
@@ -91,6 +99,7 @@ async fn commit(app: &AppState, write: Result<Write, ApiError>) -> Result<Json<P
             let ack = PublishAck::of(&snapshot);
             app.bus.announce(&snapshot);
             app.hub.apply(snapshot);
+            app.metrics.publish_latency.observe(started.elapsed());
             Ok(Json(ack))
         }
         Err(error) => {

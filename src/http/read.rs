@@ -53,8 +53,10 @@ async fn get_topic(
     TopicPath(topic): TopicPath,
     RawQuery(query): RawQuery,
     ConnectInfo(peer): ConnectInfo<Peer>,
+    polled: Option<axum::Extension<crate::net::Polled>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let polled = polled.map(|axum::Extension(polled)| polled);
     let since = since_param(query.as_deref())?;
     let Some(since) = since else {
         // A plain poll: the current snapshot, cacheable by a CDN.
@@ -88,10 +90,18 @@ async fn get_topic(
         Some(delivery) => Some(delivery),
         None if wait.is_zero() => None,
         None => {
-            // Only a poll that waits holds a place; it resumes by definition.
-            let _permit = app
-                .settings
-                .admit(&app.admission, &peer, &headers, true)
+            // Only a poll that waits holds a place; it resumes by definition,
+            // and the next poll on a connection whose last one was answered is
+            // the same reader continuing, which the token bucket does not
+            // charge (N long-poll readers of a topic changing R times a second
+            // would otherwise need N·R tokens a second).
+            let continuing = polled.as_ref().is_some_and(|p| p.0.load(std::sync::atomic::Ordering::Relaxed));
+            let admitted = if continuing {
+                app.admission.admit_continuing(app.settings.client_ip(&peer, &headers))
+            } else {
+                app.settings.admit(&app.admission, &peer, &headers, true)
+            };
+            let _permit = admitted
                 .map_err(|r| ApiError::Overloaded { reason: r.why.label(), retry_after_ms: r.retry_after_ms })?;
             app.settings.clamp_subscription_socket(&peer);
             let _waiting = app.metrics.open(Transport::LongPoll);
@@ -107,6 +117,9 @@ async fn get_topic(
             }
         }
     };
+    if let Some(polled) = &polled {
+        polled.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     match delivery {
         Some(Delivery::Snapshot { snapshot, .. }) => {
             app.metrics.deliveries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

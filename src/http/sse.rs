@@ -25,7 +25,7 @@ use tokio::time::{Instant, sleep, sleep_until};
 
 use super::deliver::{Framing, frame};
 use super::{ApiError, AppState, TopicPath, since_param, topic_list, wants_delta};
-use crate::metrics::{ConnGuard, Cutoff, OpenGuard, Transport};
+use crate::metrics::{ConnGuard, Cutoff, EVICTED, OpenGuard, Transport};
 use crate::net::{Peer, shutdown_socket, unacked_bytes};
 use crate::protocol::{self, HEARTBEAT, jittered_ms};
 use crate::topic::{Position, Subscription, TopicName};
@@ -123,7 +123,7 @@ fn open(
     kind: Kind,
     label: String,
 ) -> Result<Response, ApiError> {
-    let Kind { framing, delta, resuming } = kind;
+    let Kind { framing, resuming, .. } = kind;
     if !app.settings.origin_allowed(headers) {
         return Err(ApiError::OriginNotAllowed);
     }
@@ -139,8 +139,29 @@ fn open(
         // 200 with a hint, not 503: native EventSource never retries a 5xx.
         Err(refused) => return Ok(event_stream(Body::from(turn_away("overload", refused.retry_after_ms)))),
     };
-    app.settings.clamp_subscription_socket(&peer);
     let subscription = super::ws::subscribe(&app, topics, framing == Framing::SseMulti);
+    Ok(stream(app, &peer, subscription, kind, label, Some(permit)))
+}
+
+/// An operator's event stream of an internal topic (`/admin/events`). The
+/// caller has authenticated the operator; admission is bypassed so that the
+/// operator page keeps working during the storm it is there to show.
+pub(super) fn operator_stream(app: AppState, peer: &Peer, subscription: Subscription, label: String) -> Response {
+    let kind = Kind { framing: Framing::SseSingle, delta: false, resuming: false };
+    stream(app, peer, subscription, kind, label, None)
+}
+
+/// Streams `subscription` to the reader; `permit` holds its admission place.
+fn stream(
+    app: AppState,
+    peer: &Peer,
+    subscription: Subscription,
+    kind: Kind,
+    label: String,
+    permit: Option<crate::admission::Permit>,
+) -> Response {
+    let Kind { framing, delta, .. } = kind;
+    app.settings.clamp_subscription_socket(peer);
     let stream = SseStream {
         guard: app.connections.register("sse", label, peer.addr),
         _open: app.metrics.open(Transport::Sse),
@@ -153,14 +174,16 @@ fn open(
         fd: peer.fd,
         last_sent: Instant::now(),
         gated: false,
-        retry_after_ms,
+        committed_ms: None,
+        behind_since: None,
+        retry_after_ms: jittered_ms(1000, 4000),
         phase: Phase::Start,
     };
     let events = futures_util::stream::unfold(stream, |mut stream| async move {
         let event = stream.next_event().await?;
         Some((Ok::<_, std::convert::Infallible>(event), stream))
     });
-    Ok(event_stream(Body::from_stream(events)))
+    event_stream(Body::from_stream(events))
 }
 
 /// The body of a refusal: a retry hint and a `notice`, then the end.
@@ -203,8 +226,9 @@ struct SseStream {
     guard: ConnGuard,
     /// Counts the connection as open while the stream lives.
     _open: OpenGuard,
-    /// Holds the admission place while the stream lives.
-    _permit: crate::admission::Permit,
+    /// Holds the admission place while the stream lives (operator streams
+    /// bypass admission and hold none).
+    _permit: Option<crate::admission::Permit>,
     /// When shutdown began: this stream's moment in the drain window.
     drain_at: Option<Instant>,
     /// When the last event was handed over: a `heartbeat` event goes out once
@@ -212,6 +236,11 @@ struct SseStream {
     last_sent: Instant,
     /// An event was handed to hyper and may not have reached the kernel yet.
     gated: bool,
+    /// The commit time of the state event in flight, for the lag histogram.
+    committed_ms: Option<u64>,
+    /// Since when the reader has been continuously behind the newest
+    /// version, for `--max-staleness` (as on WebSocket).
+    behind_since: Option<Instant>,
     retry_after_ms: u64,
     phase: Phase,
 }
@@ -231,10 +260,22 @@ impl SseStream {
         if self.gated && !self.wait_for_socket().await {
             return None;
         }
+        if self.went_stale() {
+            self.app.metrics.cutoff(Cutoff::Stale);
+            self.phase = Phase::Done;
+            return Some(turn_away("stale", self.retry_after_ms));
+        }
         let shutdown = self.app.shutdown.clone();
+        let stats = Arc::clone(&self.guard.stats);
         loop {
             tokio::select! {
                 biased;
+                () = stats.evict.notified() => {
+                    // Counted by the memory guard; the socket had room again,
+                    // so the reader gets its hint.
+                    self.phase = Phase::Done;
+                    return Some(turn_away("memory", self.retry_after_ms));
+                }
                 () = shutdown.cancelled(), if self.drain_at.is_none() => {
                     // Each reader leaves at its own moment in the drain window.
                     self.drain_at = Some(Instant::now() + self.app.settings.drain_delay());
@@ -249,6 +290,7 @@ impl SseStream {
                     let Some(delivery) = self.subscription.take() else { continue };
                     let stats = Arc::clone(&self.guard.stats);
                     let framed = frame(&self.app, &stats, &self.subscription, delivery, self.delta, self.framing);
+                    self.committed_ms = Some(framed.committed_ms);
                     if let Some(topic) = framed.deleted {
                         if self.framing == Framing::SseMulti {
                             self.subscription.remove(topic.as_str());
@@ -271,6 +313,7 @@ impl SseStream {
     fn sent(&mut self, bytes: Bytes, state: bool) -> Bytes {
         self.last_sent = Instant::now();
         self.gated = true;
+        self.guard.stats.hand_over(&self.app.metrics, bytes.len() as u64);
         if state {
             // One state event at a time: the gate holds the next until this
             // one has reached the kernel.
@@ -287,6 +330,13 @@ impl SseStream {
         let limit = self.app.settings.socket_send_buffer;
         let started = Instant::now();
         loop {
+            if self.guard.stats.in_flight_since_ms.load(std::sync::atomic::Ordering::Relaxed) == EVICTED {
+                // The memory guard cut this stuck reader off (and counted
+                // it): free its buffers now, as a write stall would.
+                shutdown_socket(self.fd);
+                self.phase = Phase::Done;
+                return false;
+            }
             match unacked_bytes(self.fd) {
                 Ok(queued) if queued <= limit => break,
                 Ok(_) => {}
@@ -304,7 +354,23 @@ impl SseStream {
             sleep(GATE_POLL).await;
         }
         self.gated = false;
+        self.guard.stats.flushed(&self.app.metrics);
         self.guard.stats.pending.store(0, std::sync::atomic::Ordering::Relaxed);
         true
+    }
+
+    /// After a state event has reached the kernel: records its lag, and
+    /// says whether the reader has now been behind the newest version,
+    /// continuously, for longer than `--max-staleness` (as on WebSocket: it
+    /// is looking at a stale board and is better off reconnecting).
+    fn went_stale(&mut self) -> bool {
+        let Some(committed_ms) = self.committed_ms.take() else { return false };
+        super::deliver::observe_lag(&self.app, committed_ms);
+        if !self.subscription.is_due() {
+            self.behind_since = None;
+            return false;
+        }
+        let since = *self.behind_since.get_or_insert(self.last_sent);
+        since.elapsed() > self.app.settings.max_staleness
     }
 }

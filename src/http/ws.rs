@@ -228,6 +228,8 @@ struct Connection<'a> {
     in_flight_since: Option<Instant>,
     /// Whether the frame in flight is a state frame (counted as pending).
     state_in_flight: bool,
+    /// The commit time of the state frame in flight, for the lag histogram.
+    committed_ms: u64,
     /// Whether anything was sent since the last heartbeat tick.
     /// When the last text frame was handed over: a `heartbeat` frame goes
     /// out once nothing has been sent for the heartbeat interval.
@@ -252,6 +254,7 @@ impl<'a> Connection<'a> {
             retry_after_ms: jittered_ms(1000, 4000),
             in_flight_since: None,
             state_in_flight: false,
+            committed_ms: 0,
             last_text: Instant::now(),
             last_ping: Instant::now(),
             unanswered_pings: 0,
@@ -268,6 +271,7 @@ impl<'a> Connection<'a> {
         // locals: every local that lives across an `.await` is stored in the
         // connection's future, once per open socket.
         let app = self.app;
+        let stats = Arc::clone(&self.stats);
         // Registered once for the whole connection: a fresh `cancelled()` in
         // every turn of the loop would join and leave the token's waiter
         // list, one lock shared by every connection, twice per frame.
@@ -300,12 +304,21 @@ impl<'a> Connection<'a> {
                     self.send(socket, text(notice), false);
                     self.close(socket, close::GOING_AWAY);
                 }
+                () = stats.evict.notified(), if self.closing.is_none() => {
+                    // The memory guard counted the cut-off. The close frame
+                    // waits behind the stuck one: a reader that reads again
+                    // within the grace still gets its hint.
+                    tracing::debug!(peer = %self.stats.peer, "memory guard: cutting the reader off");
+                    self.close(socket, close::MEMORY);
+                }
                 io = next_io(socket, in_flight) => match io {
                     Io::Flushed(Ok(())) => {
                         let started = self.in_flight_since.take();
+                        self.stats.flushed(&self.app.metrics);
                         if self.state_in_flight {
                             self.state_in_flight = false;
                             self.stats.pending.store(0, Ordering::Relaxed);
+                            super::deliver::observe_lag(self.app, self.committed_ms);
                             self.check_staleness(socket, started);
                         }
                         // Once the close frame is out, wait (within the grace)
@@ -315,8 +328,8 @@ impl<'a> Connection<'a> {
                     }
                     // The client went away; nothing to count.
                     Io::Incoming(None) => break,
-                    Io::Flushed(Err(_)) => {
-                        if self.closing.is_none() {
+                    Io::Flushed(Err(error)) => {
+                        if self.closing.is_none() && !client_went_away(&error) {
                             self.app.metrics.cutoff(Cutoff::SocketError);
                         }
                         break;
@@ -331,7 +344,7 @@ impl<'a> Connection<'a> {
                             self.app.metrics.cutoff(Cutoff::TooBig);
                             self.close(socket, close::TOO_BIG);
                         } else {
-                            if self.closing.is_none() {
+                            if self.closing.is_none() && !client_went_away(&error) {
                                 self.app.metrics.cutoff(Cutoff::SocketError);
                             }
                             break;
@@ -377,6 +390,7 @@ impl<'a> Connection<'a> {
     fn deliver<S: Sink<Message, Error = axum::Error> + Unpin>(&mut self, socket: &mut S) {
         let Some(delivery) = self.subscription.take() else { return };
         let framed = frame(self.app, &self.stats, &self.subscription, delivery, self.mode.delta, Framing::Ws);
+        self.committed_ms = framed.committed_ms;
         let message = Message::Text(framed.text.unwrap_or_else(|| checked_text(framed.bytes)));
         self.send(socket, message, true);
         if let Some(topic) = framed.deleted {
@@ -520,7 +534,12 @@ impl<'a> Connection<'a> {
         // With a zero write buffer the sink writes eagerly and is always ready
         // after a completed flush; a frame queued while another is in flight
         // (a control frame) waits in tungstenite's buffer behind it.
-        let message_kind = if matches!(message, Message::Text(_)) { Kind::Text } else { Kind::Control };
+        let (message_kind, bytes) = match &message {
+            Message::Text(text) => (Kind::Text, text.len()),
+            // Control frames are tiny; count them as the little they are.
+            _ => (Kind::Control, 16),
+        };
+        self.stats.hand_over(&self.app.metrics, bytes as u64);
         if Pin::new(&mut *socket).start_send(message).is_err() {
             // The socket is broken; the next flush reports it and ends us.
         }
@@ -543,6 +562,29 @@ enum Kind {
     Text,
     /// Ping, pong or close (invisible to browser code).
     Control,
+}
+
+/// Whether a socket error means the client ended the connection itself
+/// (a reset, or an end without a close frame), which is not a cut-off, as
+/// opposed to the kernel giving up on an unresponsive peer
+/// (`TCP_USER_TIMEOUT`), which is.
+fn client_went_away(error: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            );
+        }
+        source = cause.source();
+    }
+    // tungstenite reports an end of stream without a close frame as a
+    // protocol error, not an I/O one.
+    error.to_string().contains("without closing handshake")
 }
 
 /// A text message from bytes we built ourselves as UTF-8.

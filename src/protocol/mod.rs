@@ -35,6 +35,10 @@ pub mod close {
     /// `--max-staleness`: it is looking at a stale board and is better off
     /// reconnecting.
     pub const STALE: u16 = 4003;
+    /// The memory guard cut the reader off: the process was over its send
+    /// budget or memory limit and this reader's frame had been stuck the
+    /// longest. Reconnect after the hint.
+    pub const MEMORY: u16 = 4004;
     /// The request was malformed (for example a bad `since`).
     pub const BAD_REQUEST: u16 = 4400;
 }

@@ -179,7 +179,7 @@ impl std::fmt::Debug for Job {
 /// Why the store could not be opened.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot open the store: {0}")]
-pub struct OpenError(#[from] sqlx::Error);
+pub struct OpenError(#[from] pub sqlx::Error);
 
 /// The database behind the store.
 #[derive(Clone, Debug)]

@@ -7,13 +7,20 @@ use std::path::Path;
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row as _, SqlitePool};
+use sqlx::{QueryBuilder, Row as _, Sqlite, SqlitePool};
 
 use super::{Row, Write, WriteResult, evaluate_batch};
 use crate::topic::{Epoch, Snapshot};
 
 /// The database file's name inside the data directory.
 pub(super) const FILE_NAME: &str = "spillway.db";
+
+/// Names per `SELECT … IN (…)`: SQLite allows 32,766 bound parameters, and
+/// a batch holds at most `MAX_BATCH` writes anyway.
+const MAX_NAMES_PER_READ: usize = 1000;
+
+/// Rows per multi-row `INSERT` (six parameters each).
+const MAX_ROWS_PER_WRITE: usize = 1000;
 
 /// A pool on the store's database.
 #[derive(Clone, Debug)]
@@ -58,46 +65,60 @@ impl Db {
     /// An `Err` means nothing was committed; an `Ok` carries one result per
     /// write (a rejected write changed nothing).
     pub(super) async fn commit(&self, writes: &[&Write], now_ms: u64) -> Result<Vec<WriteResult>, sqlx::Error> {
+        // Four statements per commit whatever the batch size (begin, one
+        // read of every touched row, one write of every changed row,
+        // commit): each statement is a round trip to sqlx's SQLite thread,
+        // and per-write round trips were what limited group commit.
         let mut tx = self.pool.begin().await?;
         let mut rows: HashMap<&str, Option<Row>> = HashMap::new();
         for write in writes {
-            let name = write.topic.as_str();
-            if rows.contains_key(name) {
-                continue;
+            rows.entry(write.topic.as_str()).or_insert(None);
+        }
+        let names: Vec<&str> = rows.keys().copied().collect();
+        for chunk in names.chunks(MAX_NAMES_PER_READ) {
+            let mut read = QueryBuilder::<Sqlite>::new(
+                "SELECT name, epoch, version, state, stream_id FROM topics WHERE name IN (",
+            );
+            let mut list = read.separated(", ");
+            for name in chunk {
+                list.push_bind(*name);
             }
-            let row = sqlx::query("SELECT epoch, version, state, stream_id FROM topics WHERE name = ?")
-                .bind(name)
-                .fetch_optional(&mut *tx)
-                .await?;
-            let row = match row {
-                Some(r) => Some(Row {
+            read.push(")");
+            for r in read.build().fetch_all(&mut *tx).await? {
+                let name: String = r.try_get("name")?;
+                let row = Row {
                     epoch: Epoch::from_u64(r.try_get::<i64, _>("epoch")? as u64),
                     version: r.try_get::<i64, _>("version")? as u64,
                     state: r.try_get("state")?,
                     stream_id: r.try_get::<Option<String>, _>("stream_id")?.and_then(|s| s.parse().ok()),
-                }),
-                None => None,
-            };
-            rows.insert(name, row);
+                };
+                if let Some(slot) = rows.get_mut(name.as_str()) {
+                    *slot = Some(row);
+                }
+            }
         }
         let (results, touched) = evaluate_batch(writes, &mut rows, now_ms);
         // Only each touched topic's final row is written, however many
         // writes of the batch went to it.
-        for name in touched {
-            let Some(Some(row)) = rows.get(name) else { continue };
-            sqlx::query(
-                "INSERT INTO topics (name, epoch, version, updated_ms, state, stream_id) VALUES (?, ?, ?, ?, ?, ?) \
-                 ON CONFLICT (name) DO UPDATE SET epoch = excluded.epoch, version = excluded.version, \
+        let changed: Vec<(&str, &Row)> =
+            touched.iter().filter_map(|name| rows.get(name).and_then(Option::as_ref).map(|row| (*name, row))).collect();
+        for chunk in changed.chunks(MAX_ROWS_PER_WRITE) {
+            let mut upsert =
+                QueryBuilder::<Sqlite>::new("INSERT INTO topics (name, epoch, version, updated_ms, state, stream_id) ");
+            upsert.push_values(chunk, |mut values, (name, row)| {
+                values
+                    .push_bind(*name)
+                    .push_bind(row.epoch.as_u64() as i64)
+                    .push_bind(row.version as i64)
+                    .push_bind(now_ms as i64)
+                    .push_bind(row.state.as_deref())
+                    .push_bind(row.stream_id.map(|id| id.to_string()));
+            });
+            upsert.push(
+                " ON CONFLICT (name) DO UPDATE SET epoch = excluded.epoch, version = excluded.version, \
                  updated_ms = excluded.updated_ms, state = excluded.state, stream_id = excluded.stream_id",
-            )
-            .bind(name)
-            .bind(row.epoch.as_u64() as i64)
-            .bind(row.version as i64)
-            .bind(now_ms as i64)
-            .bind(row.state.as_deref())
-            .bind(row.stream_id.map(|id| id.to_string()))
-            .execute(&mut *tx)
-            .await?;
+            );
+            upsert.build().execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(results)

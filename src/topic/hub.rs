@@ -150,16 +150,18 @@ impl Hub {
         topic.apply(snapshot)
     }
 
-    /// The newest live version of every topic, sorted by name.
+    /// The newest live version of every public topic, sorted by name.
+    /// Internal topics (`_stats`) are never listed.
     pub fn live_topics(&self) -> Vec<Arc<Snapshot>> {
-        let mut out: Vec<_> = self.read().values().filter_map(|t| t.live()).collect();
+        let mut out: Vec<_> = self.read().values().filter(|t| !t.name.is_internal()).filter_map(|t| t.live()).collect();
         out.sort_by(|a, b| a.topic.cmp(&b.topic));
         out
     }
 
-    /// How many topics hold a live version.
+    /// How many public topics hold a live version: internal topics count
+    /// neither in `spillway_topics` nor against `--max-topics`.
     pub fn live_count(&self) -> usize {
-        self.read().values().filter(|t| t.live().is_some()).count()
+        self.read().values().filter(|t| !t.name.is_internal() && t.live().is_some()).count()
     }
 
     /// A cursor for one reader of `name`, starting from what the reader says
@@ -420,6 +422,17 @@ mod tests {
         hub.apply(live("real", 1, 1));
         drop(hub.follow(&name("real"), None));
         assert!(hub.get("real").is_some());
+    }
+
+    #[test]
+    fn internal_topics_are_neither_listed_nor_counted() {
+        let hub = Hub::new();
+        hub.apply(live("t", 1, 1));
+        let stats = TopicName::internal("_stats");
+        hub.apply(Snapshot::live(stats.clone(), Epoch::from_u64(1), 1, 0, Bytes::from_static(b"{}")));
+        assert_eq!(hub.live_count(), 1);
+        assert_eq!(hub.live_topics().iter().map(|s| s.topic.as_str()).collect::<Vec<_>>(), ["t"]);
+        assert!(hub.follow(&stats, None).take().is_some(), "an internal topic can still be followed from inside");
     }
 
     #[tokio::test]

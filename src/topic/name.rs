@@ -62,6 +62,26 @@ impl TopicName {
         Ok(Self(Arc::from(raw)))
     }
 
+    /// A reserved name for a topic spillway feeds itself (the operator page's
+    /// `_stats`). Such names start with `_`, which [`TopicName::parse`]
+    /// refuses, so no public endpoint can read, follow or publish them.
+    ///
+    /// # Panics
+    ///
+    /// If `raw` is not `_` followed by a valid public name: reserved names are
+    /// constants in our own code, so a bad one is a programming error.
+    pub(crate) fn internal(raw: &'static str) -> Self {
+        let valid = raw.strip_prefix('_').is_some_and(|rest| Self::parse(rest).is_ok());
+        assert!(valid, "reserved topic names are `_` and a valid name: {raw:?}");
+        Self(Arc::from(raw))
+    }
+
+    /// Whether this is a reserved internal topic (never listed, counted,
+    /// stored or sent on the bus).
+    pub fn is_internal(&self) -> bool {
+        self.0.starts_with('_')
+    }
+
     /// The name as text.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -107,5 +127,15 @@ mod tests {
         for bad in ["a b", "a/b", "a%20", "aé", "a\n", "a?b", "a#"] {
             assert_eq!(TopicName::parse(bad), Err(InvalidTopicName::BadCharacter), "{bad}");
         }
+    }
+
+    #[test]
+    fn reserved_names_exist_only_inside() {
+        let stats = TopicName::internal("_stats");
+        assert!(stats.is_internal());
+        assert_eq!(TopicName::parse(stats.as_str()), Err(InvalidTopicName::BadFirstCharacter));
+        assert!(!TopicName::parse("stats").expect("valid").is_internal());
+        assert!(std::panic::catch_unwind(|| TopicName::internal("stats")).is_err());
+        assert!(std::panic::catch_unwind(|| TopicName::internal("_a b")).is_err());
     }
 }

@@ -44,6 +44,20 @@ impl Server {
 
     /// Starts a server on `data_dir` (which the caller keeps).
     pub(crate) async fn start_in(data_dir: &Path, args: &[&str]) -> Server {
+        Self::spawn(data_dir, args, "listening on ").await
+    }
+
+    /// Starts a server and returns as soon as its port is bound, before it
+    /// has loaded the store (it is not ready yet).
+    pub(crate) async fn start_unready(args: &[&str]) -> Server {
+        let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+        let mut server = Self::spawn(dir.path(), args, "bound ").await;
+        server._dir = Some(dir);
+        server
+    }
+
+    /// Spawns the binary and waits for the log line `marker ADDR`.
+    async fn spawn(data_dir: &Path, args: &[&str], marker: &'static str) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_spillway"));
         cmd.arg("--listen")
             .arg("127.0.0.1:0")
@@ -69,8 +83,9 @@ impl Server {
                     if std::env::var_os("SPILLWAY_TEST_ECHO").is_some() {
                         eprintln!("[server] {line}");
                     }
-                    if let Some(rest) = line.split("listening on ").nth(1) {
-                        let _ = tx.send(rest.trim().to_string());
+                    if let Some(rest) = line.split(marker).nth(1) {
+                        let addr = rest.split(';').next().unwrap_or(rest);
+                        let _ = tx.send(addr.trim().to_string());
                     }
                     log.lock().expect("log").push(line);
                 }
@@ -79,7 +94,7 @@ impl Server {
         let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60)))
             .await
             .expect("join")
-            .unwrap_or_else(|_| panic!("server did not say `listening on` within 60 s"));
+            .unwrap_or_else(|_| panic!("server did not say `{marker}` within 60 s"));
         let addr: SocketAddr = addr.parse().expect("address in log");
         let http = reqwest::Client::builder().pool_max_idle_per_host(4).build().expect("client");
         Server { child, addr, _dir: None, log, http }

@@ -3,7 +3,9 @@
 
 mod harness;
 
+mod admin;
 mod durability;
+mod guard;
 mod multihub;
 mod ops;
 mod publish;

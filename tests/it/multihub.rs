@@ -369,3 +369,55 @@ async fn stream_entries_are_ingested_once_in_order_by_three_hubs() {
     }
     let _: redis::RedisResult<()> = writer.del(&key).await;
 }
+
+#[tokio::test]
+async fn stream_ingest_respects_the_topic_limit_and_counts_what_it_drops() {
+    if !available("multihub::ingest_limit").await {
+        return;
+    }
+    let name = unique("ingestlimit");
+    let db = Database::create(&name).await;
+    let h = Server::start(&[
+        "--database-url",
+        &db.url_via(POSTGRES),
+        "--redis-url",
+        &format!("redis://{REDIS}"),
+        "--redis-prefix",
+        &name,
+        "--hub-id",
+        "h1",
+        "--max-topics",
+        "2",
+    ])
+    .await;
+    let mut writer = redis().await;
+    let key = format!("{name}:ingest");
+    for (topic, state) in [("a", r#"{"n":1}"#), ("b", r#"{"n":1}"#), ("c", r#"{"n":1}"#), ("a", "not json")] {
+        let _: String = redis::cmd("XADD")
+            .arg(&key)
+            .arg("*")
+            .arg("topic")
+            .arg(topic)
+            .arg("state")
+            .arg(state)
+            .query_async(&mut writer)
+            .await
+            .expect("xadd");
+    }
+    let committed = "spillway_ingest_entries_total{result=\"committed\"}";
+    let over = "spillway_ingest_entries_total{result=\"dropped\",reason=\"topic_limit\"}";
+    let malformed = "spillway_ingest_entries_total{result=\"dropped\",reason=\"malformed\"}";
+    let mut settled = false;
+    for _ in 0..100 {
+        if h.metric(committed).await + h.metric(over).await + h.metric(malformed).await >= 4.0 {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(settled, "every entry settled");
+    assert_eq!((h.metric(committed).await, h.metric(over).await, h.metric(malformed).await), (2.0, 1.0, 1.0));
+    assert_eq!(h.get("a").await.0, 200);
+    assert_eq!(h.get("c").await.0, 404, "the third topic was not created");
+    let _: redis::RedisResult<()> = writer.del(&key).await;
+}

@@ -27,9 +27,10 @@ async fn try_ws(url: String) -> Option<crate::harness::Ws> {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_storm_is_turned_away_cheaply_and_resuming_readers_go_first() {
-    let s = Server::start(&["--accept-rate", "50", "--accept-burst", "200"]).await;
+    // The storm: 5,000 subscriptions at once against 1,000 a second.
+    let s = Server::start(&["--accept-rate", "1000", "--accept-burst", "1000"]).await;
     let ack = s.publish("t", &json!({"n": 0})).await;
     let position = format!("{}:1", ack["epoch"].as_str().expect("epoch"));
     let mut before = Vec::new();
@@ -38,9 +39,10 @@ async fn a_subscription_storm_is_turned_away_cheaply_and_resuming_readers_go_fir
         next_json(&mut ws).await;
         before.push(ws);
     }
-    // The storm: 600 new readers and 150 resuming ones, all at once.
+    // The storm: 4,000 new readers and 1,000 resuming ones, all at once.
+    let started = Instant::now();
     let mut attempts = Vec::new();
-    for i in 0..750 {
+    for i in 0..5000 {
         let url = if i % 5 == 0 {
             s.ws_url(&format!("/v1/topics/t/ws?since={position}"))
         } else {
@@ -61,6 +63,10 @@ async fn a_subscription_storm_is_turned_away_cheaply_and_resuming_readers_go_fir
         }
         admitted.extend(ws);
     }
+    eprintln!(
+        "storm: {new_in}/{new_all} new and {resuming_in}/{resuming_all} resuming readers admitted in {:?}",
+        started.elapsed()
+    );
     assert!(new_in < new_all, "the storm was throttled ({new_in} of {new_all} new readers admitted)");
     let resuming_share = resuming_in as f64 / resuming_all as f64;
     let new_share = new_in as f64 / new_all as f64;

@@ -355,3 +355,39 @@ async fn cors_is_open_by_default_and_follows_allow_origin() {
     let (mut ws, _) = tokio_tungstenite::connect_async(request).await.expect("allowed origin");
     assert!(matches!(ws.next().await, Some(Ok(Message::Text(_)))));
 }
+
+#[tokio::test]
+async fn a_long_poll_reader_continuing_on_its_connection_is_not_charged_by_the_token_bucket() {
+    // One token a second: a reader charged for every poll could not make
+    // ten waiting polls in less than nine seconds.
+    let s = Server::start(&["--accept-rate", "1", "--accept-burst", "1"]).await;
+    let ack = s.publish("lp", &json!({"n": 0})).await;
+    let epoch = ack["epoch"].as_str().expect("epoch").to_string();
+    let mut version = ack["version"].as_u64().expect("version");
+    // One keep-alive connection, reused for every poll.
+    let reader = reqwest::Client::builder().pool_max_idle_per_host(1).build().expect("client");
+    let started = Instant::now();
+    for n in 1..=10 {
+        let url = s.url(&format!("/v1/topics/lp?since={epoch}:{version}&wait=10"));
+        let poll = tokio::spawn({
+            let reader = reader.clone();
+            async move { reader.get(url).send().await.expect("poll") }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        version = s.publish("lp", &json!({ "n": n })).await["version"].as_u64().expect("version");
+        let response = poll.await.expect("join");
+        assert_eq!(response.status(), 200, "poll {n} admitted");
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(s.metric("spillway_subscriptions_total{result=\"refused\",reason=\"accept_rate\"}").await, 0.0);
+    if elapsed > Duration::from_secs(9) {
+        eprintln!("the machine was too slow ({elapsed:?}) to tell a charged poll from a free one");
+    }
+    // A new connection still pays: the bucket is empty.
+    let fresh = reqwest::Client::new();
+    let refused =
+        fresh.get(s.url(&format!("/v1/topics/lp?since={epoch}:{version}&wait=1"))).send().await.expect("poll");
+    if elapsed < Duration::from_secs(9) {
+        assert!(matches!(refused.status().as_u16(), 503 | 304), "{}", refused.status());
+    }
+}
