@@ -30,7 +30,7 @@ use super::{ApiError, AppState, TopicPath, since_param, topic_list, wants_delta}
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::admission::Permit;
-use crate::metrics::{ConnStats, Cutoff, Transport};
+use crate::metrics::{ConnGuard, ConnStats, Cutoff, Transport};
 use crate::net::Peer;
 use crate::protocol::{self, HEARTBEAT, MAX_CLIENT_FRAME, close, close_reason, jittered_ms};
 use crate::topic::{Position, SubscribeError, Subscription, TopicName};
@@ -40,12 +40,13 @@ use crate::topic::{Position, SubscribeError, Subscription, TopicName};
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// tungstenite's read buffer, allocated up front for every connection:
-/// clients send almost nothing (pongs, close frames, the odd subscribe), so
-/// 128 bytes hold a whole pong or close frame and save ~128 KiB per
-/// connection against the 128 KiB default (and 384 B against the 512 B used
-/// before; see the Profiling section of BENCHMARKS.md). Larger client frames
-/// (up to the 4 KiB limit) are still read, in several chunks.
-const READ_BUFFER: usize = 128;
+/// clients send almost nothing (pongs, close frames, the odd subscribe).
+/// 64 bytes hold a whole pong (6 bytes with an empty payload, as our pings
+/// ask for) and save ~128 KiB per connection against the 128 KiB default
+/// (and 448 B against the 512 B used before; see the Profiling section of
+/// BENCHMARKS.md). Longer client frames (a close with a reason, a subscribe,
+/// anything up to the 4 KiB limit) are still read whole, 64 bytes a read.
+const READ_BUFFER: usize = 64;
 
 pub(super) fn router() -> Router<AppState> {
     Router::new().route("/v1/topics/{topic}/ws", get(subscribe_one)).route("/v1/ws", get(subscribe_many))
@@ -118,15 +119,11 @@ fn accept(
     // axum keeps the upgrade callback inside the connection's task for as
     // long as the connection lives (a future keeps everything it captured),
     // so the callback captures one pointer instead of everything by value.
-    let mut setup = Box::new(Setup {
-        app,
-        subscription: Some(subscription),
-        mode,
-        label,
-        peer,
-        _permit: permit,
-        _tracked: tracked,
-    });
+    // Listed from here on; the entry goes when the task ends, or at once if
+    // the upgrade never completes (the callback, holding it, is dropped).
+    let guard = app.connections.register("ws", label, peer.addr);
+    let mut setup =
+        Box::new(Setup { app, subscription: Some(subscription), mode, guard, _permit: permit, _tracked: tracked });
     Ok(upgrade
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(0)
@@ -135,16 +132,15 @@ fn accept(
         .on_upgrade(move |mut socket| async move {
             // Fields are used in place, never moved into new locals: a
             // future stores each local beside what it was moved from.
-            let guard = setup.app.connections.register("ws", std::mem::take(&mut setup.label), setup.peer.addr);
             let open = setup.app.metrics.open(Transport::Ws);
             if let Some(subscription) = setup.subscription.take() {
-                let mut connection = Connection::new(&setup.app, subscription, setup.mode, Arc::clone(&guard.stats));
+                let stats = Arc::clone(&setup.guard.stats);
+                let mut connection = Connection::new(&setup.app, subscription, setup.mode, stats);
                 connection.run(&mut socket).await;
             }
             drop(open);
-            drop(guard);
-            // Then the admission permit and the task-tracker token, in
-            // that order, as the box drops.
+            // Then the registry entry, the admission permit and the
+            // task-tracker token, in that order, as the box drops.
             drop(setup);
         }))
 }
@@ -155,8 +151,8 @@ struct Setup {
     /// Moved into the `Connection` when the task starts.
     subscription: Option<Subscription>,
     mode: Mode,
-    label: String,
-    peer: Peer,
+    /// Its entry in the connection registry.
+    guard: ConnGuard,
     /// Its place under the admission limits, given back when the task ends.
     _permit: Permit,
     /// Keeps shutdown waiting for this task.
@@ -271,7 +267,6 @@ impl<'a> Connection<'a> {
         // locals: every local that lives across an `.await` is stored in the
         // connection's future, once per open socket.
         let app = self.app;
-        let stats = Arc::clone(&self.stats);
         // Registered once for the whole connection: a fresh `cancelled()` in
         // every turn of the loop would join and leave the token's waiter
         // list, one lock shared by every connection, twice per frame.
@@ -304,7 +299,7 @@ impl<'a> Connection<'a> {
                     self.send(socket, text(notice), false);
                     self.close(socket, close::GOING_AWAY);
                 }
-                () = stats.evict.notified(), if self.closing.is_none() => {
+                () = self.stats.evict.notified(), if self.closing.is_none() => {
                     // The memory guard counted the cut-off. The close frame
                     // waits behind the stuck one: a reader that reads again
                     // within the grace still gets its hint.
