@@ -272,6 +272,13 @@ impl<'a> Connection<'a> {
         // list, one lock shared by every connection, twice per frame.
         let cancelled = app.shutdown.cancelled();
         let mut cancelled = std::pin::pin!(cancelled);
+        // The memory guard's signal, registered once for the same reason
+        // (its `notify_one` leaves a permit, so nothing is missed before the
+        // first poll). It completes at most once: the branch then closes the
+        // connection, which disables it.
+        let stats = Arc::clone(&self.stats);
+        let evicted = stats.evict.notified();
+        let mut evicted = std::pin::pin!(evicted);
         // One timer serves heartbeats and pings: it fires at the earlier of
         // the two moments and is re-armed from what happened since.
         let timer = sleep_until(Instant::now() + app.settings.heartbeat);
@@ -299,7 +306,7 @@ impl<'a> Connection<'a> {
                     self.send(socket, text(notice), false);
                     self.close(socket, close::GOING_AWAY);
                 }
-                () = self.stats.evict.notified(), if self.closing.is_none() => {
+                () = evicted.as_mut(), if self.closing.is_none() => {
                     // The memory guard counted the cut-off. The close frame
                     // waits behind the stuck one: a reader that reads again
                     // within the grace still gets its hint.
