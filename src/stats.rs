@@ -155,15 +155,7 @@ pub fn figures(src: &Sources, previous: &mut Previous, process: Process) -> Valu
     let rate = |now: u64, before: u64| {
         if elapsed < 0.001 { 0.0 } else { round1(now.saturating_sub(before) as f64 / elapsed) }
     };
-    let current = Previous {
-        at: now,
-        deliveries: load(&src.metrics.deliveries),
-        skipped: load(&src.metrics.skipped),
-        publishes: load(&src.metrics.publishes_ok),
-        commits: load(&src.store.commits),
-        publish_latency: src.metrics.publish_latency.snapshot(),
-        delivery_lag: src.metrics.delivery_lag.snapshot(),
-    };
+    let current = Previous { at: now, ..Previous::now(src) };
 
     let mut connections = Map::new();
     for t in [Transport::Ws, Transport::Sse, Transport::LongPoll] {

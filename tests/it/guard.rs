@@ -17,11 +17,7 @@ use crate::services::{Database, POSTGRES, Proxy, REDIS, available, unique};
 /// A WebSocket client with a 4 KiB receive buffer: when it stops reading,
 /// the server's frame stays in the server's own buffers.
 async fn stalling_client(server: &Server, path: &str) -> WebSocketStream<TcpStream> {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    socket.set_recv_buffer_size(4096).expect("rcvbuf");
-    socket.connect(&server.addr.into()).expect("connect");
-    socket.set_nonblocking(true).expect("nonblocking");
-    let stream = TcpStream::from_std(socket.into()).expect("tokio stream");
+    let stream = crate::harness::small_buffer_stream(server);
     let (ws, _) = tokio_tungstenite::client_async(server.ws_url(path), stream).await.expect("handshake");
     ws
 }
@@ -228,11 +224,7 @@ async fn an_event_stream_that_stays_behind_is_cut_off_as_stale() {
     let s = Server::start(&["--max-staleness", "500ms", "--max-body", "1MiB"]).await;
     s.publish("s", &json!({"n": 0})).await;
     // A reader on a slow link: a small receive buffer, read a little at a time.
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    socket.set_recv_buffer_size(4096).expect("rcvbuf");
-    socket.connect(&s.addr.into()).expect("connect");
-    socket.set_nonblocking(true).expect("nonblocking");
-    let mut stream = TcpStream::from_std(socket.into()).expect("tokio stream");
+    let mut stream = crate::harness::small_buffer_stream(&s);
     stream
         .write_all(b"GET /v1/topics/s/events HTTP/1.1\r\nhost: test\r\naccept: text/event-stream\r\n\r\n")
         .await

@@ -338,3 +338,14 @@ impl Sse {
         }
     }
 }
+
+/// A TCP connection to `server` with a 4 KiB receive buffer, as a reader on a
+/// slow or stalled link has: when it stops reading, the server's writes back
+/// up after a few KiB instead of the megabytes loopback would otherwise take.
+pub(crate) fn small_buffer_stream(server: &Server) -> tokio::net::TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    socket.connect(&server.addr.into()).expect("connect");
+    socket.set_nonblocking(true).expect("nonblocking");
+    tokio::net::TcpStream::from_std(socket.into()).expect("tokio stream")
+}

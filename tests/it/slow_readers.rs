@@ -16,11 +16,7 @@ use crate::harness::{Server, next_json};
 /// A WebSocket client whose socket has a small receive buffer, so that when
 /// it stops reading the server's writes back up quickly.
 async fn small_buffer_client(server: &Server, path: &str) -> (WebSocketStream<TcpStream>, SocketAddr) {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    socket.set_recv_buffer_size(4096).expect("rcvbuf");
-    socket.connect(&server.addr.into()).expect("connect");
-    socket.set_nonblocking(true).expect("nonblocking");
-    let stream = TcpStream::from_std(socket.into()).expect("tokio stream");
+    let stream = crate::harness::small_buffer_stream(server);
     let local = stream.local_addr().expect("local");
     let (ws, _) = tokio_tungstenite::client_async(server.ws_url(path), stream).await.expect("handshake");
     (ws, local)
@@ -173,11 +169,7 @@ async fn a_stalled_event_stream_is_held_to_one_event_and_cut_off() {
     s.publish("t", &state_1k(0)).await;
     // A raw HTTP client with a small receive buffer that asks for the stream
     // and then never reads.
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    socket.set_recv_buffer_size(4096).expect("rcvbuf");
-    socket.connect(&s.addr.into()).expect("connect");
-    socket.set_nonblocking(true).expect("nonblocking");
-    let mut stalled = TcpStream::from_std(socket.into()).expect("tokio stream");
+    let mut stalled = crate::harness::small_buffer_stream(&s);
     let local = stalled.local_addr().expect("local");
     let request = format!("GET /v1/topics/t/events HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n", s.addr);
     stalled.write_all(request.as_bytes()).await.expect("request");

@@ -166,11 +166,7 @@ async fn the_topic_limit_refuses_one_topic_too_many() {
 async fn a_reader_that_stays_behind_is_cut_off_as_stale() {
     let s = Server::start(&["--max-staleness", "1s", "--write-timeout", "30s"]).await;
     s.publish("t", &json!({"n": 0})).await;
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    socket.set_recv_buffer_size(4096).expect("rcvbuf");
-    socket.connect(&s.addr.into()).expect("connect");
-    socket.set_nonblocking(true).expect("nonblocking");
-    let stream = tokio::net::TcpStream::from_std(socket.into()).expect("stream");
+    let stream = crate::harness::small_buffer_stream(&s);
     let (mut slow, _) = tokio_tungstenite::client_async(s.ws_url("/v1/topics/t/ws"), stream).await.expect("ws");
     let publisher = tokio::spawn({
         let http = s.http.clone();
