@@ -18,7 +18,7 @@ use tokio::time::{Instant, MissedTickBehavior, interval};
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::Admission;
-use crate::metrics::{Connections, Cutoff, EVICTED, Metrics};
+use crate::metrics::{ConnStats, Connections, Cutoff, EVICTED, Metrics};
 
 /// How often the guard looks. Stalled frames pile up at the publish rate at
 /// most, so a tenth of a second keeps any overshoot small.
@@ -113,12 +113,7 @@ pub async fn run(
         let mut overhead = 0u64;
         // Cheap first look: the gauge includes readers already cut off and
         // still in their close grace, so only when it is high is the list read.
-        if limits.send_high > 0 && metrics.bytes_in_flight.load(Ordering::Relaxed) > limits.send_high {
-            let pending = effective_in_flight(&connections);
-            if pending > limits.send_high {
-                need = pending - limits.send_low;
-            }
-        }
+        let over_budget = limits.send_high > 0 && metrics.bytes_in_flight.load(Ordering::Relaxed) > limits.send_high;
         if limits.memory_high > 0
             && let Some(rss) = resident_bytes()
         {
@@ -136,7 +131,7 @@ pub async fn run(
             }
             if rss > limits.memory_high && Instant::now() >= next_rss_round {
                 next_rss_round = Instant::now() + RSS_SETTLE;
-                need = need.max(rss - limits.memory_low);
+                need = rss - limits.memory_low;
                 // Part of RSS may be memory freed but kept by the allocator;
                 // hand it back before judging how much to cut next time.
                 tokio::task::spawn_blocking(crate::net::release_free_memory);
@@ -145,12 +140,22 @@ pub async fn run(
                 overhead = rss / (connections.len() as u64).max(1);
             }
         }
+        if need == 0 && !over_budget {
+            continue;
+        }
+        // One copy of the registry serves the whole round.
+        let open = connections.list();
+        if over_budget {
+            let pending = effective_in_flight(&open);
+            if pending > limits.send_high {
+                need = need.max(pending - limits.send_low);
+            }
+        }
         if need == 0 {
             continue;
         }
         let stuck_before = crate::metrics::process_ms().saturating_sub(MIN_STUCK_MS);
-        let candidates: Vec<Candidate> = connections
-            .list()
+        let candidates: Vec<Candidate> = open
             .iter()
             .filter_map(|c| {
                 let since_ms = c.in_flight_since_ms.load(Ordering::Relaxed);
@@ -161,17 +166,16 @@ pub async fn run(
                 })
             })
             .collect();
-        let chosen = plan(candidates, need, overhead);
+        let chosen: std::collections::HashSet<u64> = plan(candidates, need, overhead).into_iter().collect();
         if chosen.is_empty() {
             if warned.is_none_or(|at| at.elapsed() > Duration::from_secs(10)) {
                 warned = Some(Instant::now());
-                tracing::warn!(need, "over a memory mark with no stalled reader left to cut; new readers are refused");
+                tracing::warn!(need, "over a memory mark with no stalled reader left to cut");
             }
             continue;
         }
         tracing::info!(readers = chosen.len(), need, "memory guard: cutting off the stalest readers");
-        let chosen: std::collections::HashSet<u64> = chosen.into_iter().collect();
-        for c in connections.list().iter().filter(|c| chosen.contains(&c.id)) {
+        for c in open.iter().filter(|c| chosen.contains(&c.id)) {
             c.in_flight_since_ms.store(EVICTED, Ordering::Relaxed);
             metrics.cutoff(Cutoff::Memory);
             // `notify_one` stores a permit, so a connection busy elsewhere in
@@ -191,10 +195,8 @@ pub async fn run(
 }
 
 /// Unflushed bytes of connections not already cut off.
-fn effective_in_flight(connections: &Connections) -> u64 {
-    connections
-        .list()
-        .iter()
+fn effective_in_flight(open: &[Arc<ConnStats>]) -> u64 {
+    open.iter()
         .filter(|c| c.in_flight_since_ms.load(Ordering::Relaxed) != EVICTED)
         .map(|c| c.in_flight_bytes.load(Ordering::Relaxed))
         .sum()

@@ -453,6 +453,30 @@ fn evaluate(write: &Write, row: Option<&Row>) -> Result<Row, WriteError> {
     }
 }
 
+/// The query both backends load the hub with: every topic's newest row.
+const LOAD_ALL: &str = "SELECT name, epoch, version, updated_ms, state FROM topics WHERE version > 0";
+
+/// Decodes the rows of `LOAD_ALL`, from either backend.
+fn loaded_snapshots<R>(rows: Vec<R>) -> Result<Vec<Snapshot>, sqlx::Error>
+where
+    R: sqlx::Row,
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        out.extend(stored_snapshot(
+            row.try_get("name")?,
+            row.try_get("epoch")?,
+            row.try_get("version")?,
+            row.try_get("updated_ms")?,
+            row.try_get("state")?,
+        ));
+    }
+    Ok(out)
+}
+
 /// A stored row as a snapshot (live, or a tombstone when `state` is NULL);
 /// `None`, with a warning, for a name that is not a valid topic name.
 fn stored_snapshot(name: String, epoch: i64, version: i64, updated_ms: i64, state: Option<String>) -> Option<Snapshot> {

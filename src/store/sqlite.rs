@@ -44,21 +44,7 @@ impl Db {
     }
 
     pub(super) async fn load_all(&self) -> Result<Vec<Snapshot>, sqlx::Error> {
-        let rows = sqlx::query("SELECT name, epoch, version, updated_ms, state FROM topics WHERE version > 0")
-            .fetch_all(&self.pool)
-            .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            let stored = super::stored_snapshot(
-                row.try_get("name")?,
-                row.try_get("epoch")?,
-                row.try_get("version")?,
-                row.try_get("updated_ms")?,
-                row.try_get("state")?,
-            );
-            out.extend(stored);
-        }
-        Ok(out)
+        super::loaded_snapshots(sqlx::query(super::LOAD_ALL).fetch_all(&self.pool).await?)
     }
 
     /// Evaluates `writes` in order inside one transaction and commits it.
